@@ -1,0 +1,11 @@
+"""Shared machinery of the stage scripts (01_generate.py ... 05_eval.py), one concern per module:
+
+- config:    YAML recipes parsed into each stage's dataclass, command-line overrides
+- records:   JSONL records, resumable writers, manifests
+- backends:  LLM backends (hf, openai, vllm) behind one `Agent` interface
+- models:    loading Hugging Face models (4-bit, adapters, the tiny model by name)
+- tiny:      the offline tiny random model and its locally trained tokenizer
+- templates: policy sets and agent/judge prompt templates (files under data/)
+- parsing:   lenient parsing of agent outputs
+- prompt_sets: prompt sets from JSONL/CSV files or Hub datasets
+"""

@@ -1,0 +1,214 @@
+"""LLM backends behind one interface, so any agent role (intent decomposer, deliberator,
+refiner, judge...) can run on any of them, and different roles of one run on different ones.
+
+    agent = Agent("deliberator_1", LLMConfig(backend="openai", model="qwen2.5-7b-instruct",
+                                             base_url="http://localhost:8000/v1"))
+    generations = agent([[{"role": "user", "content": "..."}], ...])   # one batched call
+
+- `hf`: transformers, batched generation with left padding, optional 4-bit nf4.
+- `openai`: any OpenAI-compatible server (vLLM serve, Ollama, llama.cpp server, hosted APIs);
+  bounded concurrent requests, timeouts and retries with backoff (the openai client's own).
+  The API key is read from the environment variable named in `api_key_env`, never stored.
+- `vllm`: offline batched generation where vLLM is installed.
+
+A request that fails after its retries comes back as a Generation with `error` set, so one bad
+prompt does not stop a run; a call whose every request fails raises BackendError.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from .records import batched
+
+Chat = list[dict]
+
+
+@dataclass
+class LLMConfig:
+    backend: str = "hf"                 # hf | openai | vllm
+    model: str = "tiny"                 # Hub id, local folder, served model name, or `tiny`
+    adapter: str | None = None          # LoRA adapter folder (hf, vllm)
+    load_in_4bit: bool = False          # hf: nf4 double-quantised weights (QLoRA's format)
+    dtype: str = "auto"                 # auto = bf16 on a GPU that has it, else fp32
+    temperature: float = 0.7            # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    batch_size: int = 16                # hf: sequences per generate() call
+    base_url: str | None = None         # openai: e.g. http://localhost:8000/v1
+    api_key_env: str = "OPENAI_API_KEY" # openai: the variable holding the key (never the key)
+    max_concurrency: int = 8            # openai: requests in flight at once
+    timeout_s: float = 120.0            # openai: per request
+    max_retries: int = 3                # openai: retries with exponential backoff
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend '{self.backend}' (known: {', '.join(sorted(BACKENDS))})")
+
+    def merged(self, overrides: dict | None) -> "LLMConfig":
+        """This config with a role's overrides on top (e.g. a different model for one agent)."""
+        from .config import from_dict
+        return from_dict(LLMConfig, {**asdict(self), **(overrides or {})}, where="llm")
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: int = 0                     # generated tokens, for throughput figures
+    error: str | None = None            # set when the request failed after its retries
+
+
+class BackendError(RuntimeError):
+    """Every request of a call failed: the server is down, the model is missing..."""
+
+
+class Backend:
+    calls = 0                           # batched calls made, for the benchmark
+
+    def generate(self, chats: list[Chat], cfg: LLMConfig) -> list[Generation]:
+        raise NotImplementedError
+
+
+class HFBackend(Backend):
+    def __init__(self, cfg: LLMConfig):
+        from .models import load_model, load_tokenizer
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_model(cfg.model, cfg.load_in_4bit, cfg.dtype, cfg.adapter).eval()
+
+    def _encode(self, chats: list[Chat]):
+        try:
+            return self.tokenizer.apply_chat_template(
+                chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
+        except Exception as e:  # jinja's TemplateError: some templates (older Mistral) refuse a system turn
+            if "system" not in str(e).lower():
+                raise
+            return self.tokenizer.apply_chat_template(
+                [fold_system(c) for c in chats], add_generation_prompt=True, padding=True,
+                return_tensors="pt", return_dict=True)
+
+    def generate(self, chats, cfg):
+        import torch
+        self.calls += 1
+        results: list[Generation | None] = [None] * len(chats)
+        # Longest first, so each micro-batch holds similar lengths and pads little.
+        order = sorted(range(len(chats)), key=lambda i: -sum(len(m["content"]) for m in chats[i]))
+        pad = self.tokenizer.pad_token_id
+        bar = tqdm(total=len(chats), desc="  generate", leave=False, disable=len(chats) <= cfg.batch_size)
+        for idx in batched(order, cfg.batch_size):
+            enc = self._encode([chats[i] for i in idx]).to(self.model.device)
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **enc, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                    temperature=cfg.temperature if cfg.temperature > 0 else None,
+                    top_p=cfg.top_p if cfg.temperature > 0 else None, pad_token_id=pad)
+            new = out[:, enc["input_ids"].shape[1]:]
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            counts = (new != pad).sum(dim=1).tolist()
+            for i, text, n in zip(idx, texts, counts):
+                results[i] = Generation(text.strip(), int(n))
+            bar.update(len(idx))
+        bar.close()
+        return results
+
+
+class OpenAIBackend(Backend):
+    def __init__(self, cfg: LLMConfig):
+        import openai
+        self.openai = openai
+        self.client = openai.OpenAI(
+            base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "not-needed",
+            timeout=cfg.timeout_s, max_retries=cfg.max_retries)
+        self.model = cfg.model
+
+    def _one(self, chat: Chat, cfg: LLMConfig) -> Generation:
+        try:
+            r = self.client.chat.completions.create(
+                model=self.model, messages=chat, temperature=cfg.temperature, top_p=cfg.top_p,
+                max_tokens=cfg.max_new_tokens)
+            text = r.choices[0].message.content or ""
+            tokens = r.usage.completion_tokens if getattr(r, "usage", None) else 0
+            return Generation(text.strip(), tokens)
+        except (self.openai.OpenAIError, ValueError, AttributeError, IndexError, TypeError) as e:
+            # HTTP errors and timeouts after retries, and bodies that are not a chat completion.
+            return Generation("", 0, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+    def generate(self, chats, cfg):
+        self.calls += 1
+        with ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrency)) as pool:
+            futures = [pool.submit(self._one, c, cfg) for c in chats]
+            return [f.result() for f in tqdm(futures, desc="  requests", leave=False, disable=len(chats) < 8)]
+
+
+class VLLMBackend(Backend):
+    def __init__(self, cfg: LLMConfig):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise BackendError("backend 'vllm' needs vLLM: pip install vllm (GPU machines only)") from None
+        from .models import resolve_model
+        self.llm = LLM(model=resolve_model(cfg.model), enable_lora=bool(cfg.adapter),
+                       quantization="bitsandbytes" if cfg.load_in_4bit else None,
+                       dtype="auto" if cfg.dtype == "auto" else cfg.dtype)
+        self.adapter = cfg.adapter
+
+    def generate(self, chats, cfg):
+        from vllm import SamplingParams
+        self.calls += 1
+        lora = None
+        if self.adapter:
+            from vllm.lora.request import LoRARequest
+            lora = LoRARequest("adapter", 1, self.adapter)
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
+        outs = self.llm.chat(chats, params, use_tqdm=len(chats) > 8, lora_request=lora)
+        return [Generation(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outs]
+
+
+BACKENDS: dict[str, Callable[[LLMConfig], Backend]] = {
+    "hf": HFBackend, "openai": OpenAIBackend, "vllm": VLLMBackend,
+}
+_LOADED: dict[tuple, Backend] = {}
+
+
+def get_backend(cfg: LLMConfig) -> Backend:
+    """One loaded backend per (backend, model, weights) so roles sharing a model share its memory."""
+    key = (cfg.backend, cfg.model, cfg.adapter, cfg.load_in_4bit, cfg.dtype, cfg.base_url)
+    if key not in _LOADED:
+        _LOADED[key] = BACKENDS[cfg.backend](cfg)
+    return _LOADED[key]
+
+
+def release_backends() -> None:
+    """Forget loaded models (tests, and stages that load a model of their own for training)."""
+    _LOADED.clear()
+
+
+class Agent:
+    """A role in the method (intent decomposer, deliberator, judge...) bound to an LLM."""
+
+    def __init__(self, role: str, cfg: LLMConfig):
+        self.role, self.cfg = role, cfg
+        self.backend = get_backend(cfg)
+        self.label = f"{cfg.backend}:{cfg.model}"
+
+    def __call__(self, chats: list[Chat]) -> list[Generation]:
+        if not chats:
+            return []
+        gens = self.backend.generate(chats, self.cfg)
+        if all(g.error for g in gens):
+            raise BackendError(f"{self.role} ({self.label}): all {len(gens)} requests failed; first: {gens[0].error}")
+        return gens
+
+
+def fold_system(chat: Chat) -> Chat:
+    """Merge a system turn into the first user turn, for chat templates that have no system role."""
+    if not chat or chat[0]["role"] != "system":
+        return chat
+    system, rest = chat[0]["content"], [dict(m) for m in chat[1:]]
+    if rest and rest[0]["role"] == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+        return rest
+    return [{"role": "user", "content": system}] + rest

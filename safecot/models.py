@@ -1,0 +1,94 @@
+"""Loading Hugging Face causal LMs the same way in every stage: the tiny offline model by the
+name `tiny`, any Hub id or local folder otherwise; optional 4-bit nf4 (QLoRA's quantisation);
+optional LoRA adapter on top.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .records import InputError
+
+
+def resolve_model(name: str) -> str:
+    """`tiny` means the project's offline model; anything else is a Hub id or a local folder."""
+    if name == "tiny":
+        from .tiny import ensure_tiny
+        return str(ensure_tiny())
+    return name
+
+
+def torch_dtype(name: str = "auto"):
+    import torch
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def quantization_config(dtype: str = "auto"):
+    import torch
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(dtype), bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def disable_avx512bf16_repack(model) -> int:
+    """bitsandbytes on CPUs with AVX512-BF16 repacks 4-bit weights after a no-grad forward
+    (generation, evaluation) and then computes wrong LoRA gradients. Keeping every Linear4bit
+    on the portable kernel costs a little CPU speed and keeps training correct."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_tokenizer(name: str, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+    path = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(_not_found(name, e)) from None
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, load_in_4bit: bool = False, dtype: str = "auto", adapter: str | None = None,
+               trainable_adapter: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+    path = resolve_model(name)
+    kwargs = {"dtype": torch_dtype(dtype)}
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(dtype)
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    elif torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(_not_found(name, e)) from None
+    disable_avx512bf16_repack(model)
+    if adapter:
+        from peft import PeftModel
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise InputError(f"{adapter}: no LoRA adapter here (adapter_config.json missing)")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+    return model
+
+
+def _not_found(name: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1: only local folders and cached models load)" if offline else ""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"model '{name}' cannot be loaded{hint}: {first}"

@@ -1,0 +1,98 @@
+"""Lenient parsing of agent outputs.
+
+Agents are asked for labelled sections (THOUGHTS:, RESPONSE:, VERDICT: ...). Real models drift:
+markdown headers, bold labels, numbered or bulleted lists, JSON. These parsers accept all of
+that and say whether they succeeded; the stage keeps the raw text either way and counts the
+failures, so a bad output never stops a run.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|\(\d+\)|step\s*\d+\s*[:.)-])\s*", re.I)
+
+
+def sections(text: str, names: list[str]) -> dict[str, str]:
+    """Split `text` at lines that start with one of `names` used as a label (any case,
+    optionally in markdown: `## Thoughts`, `**Response:**`). Returns {name: body}."""
+    alt = "|".join(re.escape(n) for n in names)
+    pattern = re.compile(rf"^[ \t>#*_]*({alt})[ \t*_]*(?::|\n|$)[ \t*_]*", re.I | re.M)
+    found = list(pattern.finditer(text))
+    out = {}
+    for m, nxt in zip(found, found[1:] + [None]):
+        key = m.group(1).lower()
+        body = text[m.end(): nxt.start() if nxt else len(text)].strip()
+        out.setdefault(key, body)  # the first occurrence wins; models sometimes repeat the format
+    return out
+
+
+def items(text: str) -> list[str]:
+    """A list written one item per line, with or without bullets or numbers."""
+    out = []
+    for line in text.splitlines():
+        line = _BULLET.sub("", line).strip()
+        if line and line.lower() not in ("none", "n/a", "-"):
+            out.append(line)
+    return out
+
+
+def _json_object(text: str) -> dict | None:
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None
+    try:
+        obj = json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        return None
+    return {k.lower(): v for k, v in obj.items()} if isinstance(obj, dict) else None
+
+
+def _as_list(value) -> list[str]:
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return items(str(value))
+
+
+def parse_intents(text: str) -> tuple[dict, bool]:
+    """-> ({"explicit": [...], "implicit": [...]}, parsed)"""
+    obj = _json_object(text)
+    if obj and ("explicit" in obj or "implicit" in obj):
+        return {"explicit": _as_list(obj.get("explicit", [])), "implicit": _as_list(obj.get("implicit", []))}, True
+    s = sections(text, ["explicit intents", "implicit intents", "explicit", "implicit"])
+    explicit = items(s.get("explicit intents", s.get("explicit", "")))
+    implicit = items(s.get("implicit intents", s.get("implicit", "")))
+    return {"explicit": explicit, "implicit": implicit}, bool(explicit or implicit)
+
+
+def parse_cot(text: str) -> tuple[list[str], str, bool]:
+    """-> (thoughts, response, parsed): a chain of thought and the response it leads to."""
+    obj = _json_object(text)
+    if obj and "thoughts" in obj and "response" in obj:
+        return _as_list(obj["thoughts"]), str(obj["response"]).strip(), True
+    s = sections(text, ["thoughts", "response"])
+    thoughts, response = items(s.get("thoughts", "")), s.get("response", "").strip()
+    return thoughts, response, bool(thoughts and response)
+
+
+AGREE_PHRASE = re.compile(r"\bI agree with the previous agent\b", re.I)
+
+
+def parse_review(text: str) -> tuple[str, list[str], str]:
+    """A deliberator's turn -> (verdict, thoughts, response), verdict in agree|revise|unparsed.
+    A revision must carry thoughts; its response may be omitted (the current one stands)."""
+    obj = _json_object(text)
+    if obj and "verdict" in obj:
+        verdict = str(obj["verdict"]).strip().lower()
+        if verdict.startswith("agree"):
+            return "agree", [], ""
+        thoughts = _as_list(obj.get("thoughts", []))
+        return ("revise" if thoughts else "unparsed"), thoughts, str(obj.get("response", "")).strip()
+    s = sections(text, ["verdict", "thoughts", "response"])
+    verdict = s.get("verdict", "").split("\n")[0].strip().lower()
+    if verdict.startswith("agree") or (not verdict and not s.get("thoughts") and AGREE_PHRASE.search(text)):
+        return "agree", [], ""
+    thoughts = items(s.get("thoughts", ""))
+    if thoughts:
+        return "revise", thoughts, s.get("response", "").strip()
+    return "unparsed", [], ""
