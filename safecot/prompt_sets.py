@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .records import InputError, read_csv, read_jsonl
+from .records import InputError, numbered_rows
 
 LABELS = ("harmful", "benign", "borderline")
 
@@ -26,7 +26,8 @@ def prompt_id(source: str, prompt: str) -> str:
     return f"{source}-{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:10]}"
 
 
-def _rows(source: str, split: str, subset: str | None) -> tuple[list[dict], str]:
+def _rows(source: str, split: str, subset: str | None) -> tuple[list[tuple[str, dict]], str]:
+    """(where, row) pairs, `where` naming the file and line (or the Hub row) for errors."""
     if source.startswith("hf:"):
         name = source[3:]
         try:
@@ -34,13 +35,11 @@ def _rows(source: str, split: str, subset: str | None) -> tuple[list[dict], str]
             ds = load_dataset(name, subset, split=split)
         except Exception as e:  # datasets raises many kinds; all mean "cannot load that"
             raise InputError(f"{source}: cannot load the Hub dataset (split '{split}'): {str(e).splitlines()[0]}") from None
-        return [dict(r) for r in ds], name.split("/")[-1]
+        return [(f"{source} row {i}", dict(r)) for i, r in enumerate(ds)], name.split("/")[-1]
     path = Path(source)
-    if path.suffix == ".csv":
-        return read_csv(path), path.stem
-    if path.suffix in (".jsonl", ".json"):
-        return read_jsonl(path), path.stem
-    raise InputError(f"{source}: prompts must be a .jsonl or .csv file, or hf:<dataset id>")
+    if path.suffix not in (".jsonl", ".json", ".csv"):
+        raise InputError(f"{source}: prompts must be a .jsonl or .csv file, or hf:<dataset id>")
+    return [(f"{source}:{n}", row) for n, row in numbered_rows(path)], path.stem
 
 
 def load_prompts(source: str, split: str = "train", subset: str | None = None,
@@ -50,8 +49,7 @@ def load_prompts(source: str, split: str = "train", subset: str | None = None,
     columns = {"id": "id", "prompt": "prompt", "label": "label", "category": "category", **(columns or {})}
     defaults = {"label": "unknown", "category": "unknown", **(defaults or {})}
     out, seen = [], set()
-    for n, row in enumerate(rows, 1):
-        where = f"{source}:{n}" if not source.startswith("hf:") else f"{source} row {n - 1}"
+    for where, row in rows:
         rec = {}
         for field, column in columns.items():
             if column in row and row[column] not in (None, ""):

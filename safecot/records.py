@@ -37,32 +37,35 @@ def stage_dir(cfg, stage: str) -> Path:
 # ---- reading ---------------------------------------------------------------------------------
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    return [row for _, row in numbered_rows(path, required)]
+
+
+def read_csv(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    return [row for _, row in numbered_rows(path, required)]
+
+
+def numbered_rows(path: str | Path, required: Iterable[str] = ()) -> list[tuple[int, dict]]:
+    """(line number, row) pairs of a .jsonl or .csv file, so errors can name the line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object")
-            _check_fields(row, required, f"{path}:{n}")
-            rows.append(row)
-    return rows
-
-
-def read_csv(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
     with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    for n, row in enumerate(rows, 2):  # line 1 is the header
+        if path.suffix == ".csv":
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, row) for row in reader]
+        else:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}:{n}: expected a JSON object")
+                rows.append((n, row))
+    for n, row in rows:
         _check_fields(row, required, f"{path}:{n}")
     return rows
 

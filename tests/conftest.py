@@ -1,0 +1,82 @@
+"""Shared fixtures: offline mode, the tiny model built once per session outside the repo, a
+scripted backend for orchestration tests, and loaders for the numbered stage scripts."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.chdir(ROOT)  # recipes name data files relative to the repository root
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from safecot import backends  # noqa: E402
+from safecot.backends import Backend, Generation  # noqa: E402
+from safecot.config import load_recipe, section_config  # noqa: E402
+
+
+def load_script(name: str):
+    """Import a stage script (01_generate.py ...) as a module, despite its leading digit."""
+    path = ROOT / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_dir(tmp_path_factory):
+    if "SAFECOT_TINY_DIR" not in os.environ:
+        os.environ["SAFECOT_TINY_DIR"] = str(tmp_path_factory.mktemp("tiny") / "model")
+    from safecot.tiny import ensure_tiny
+    return ensure_tiny()
+
+
+@pytest.fixture(autouse=True)
+def fresh_backends():
+    backends.release_backends()
+    yield
+    backends.release_backends()
+
+
+class ScriptedBackend(Backend):
+    """Answers each chat with `script(chat, model)`; a test sets the script. Raising from the
+    script simulates a crash mid-run. Counts batched calls like the real backends."""
+
+    script = staticmethod(lambda chat, model: "")
+    calls_log: list = []
+
+    def __init__(self, cfg):
+        self.model = cfg.model
+
+    def generate(self, chats, cfg):
+        self.calls += 1
+        ScriptedBackend.calls_log.append((self.model, len(chats)))
+        out = []
+        for chat in chats:
+            reply = ScriptedBackend.script(chat, self.model)
+            out.append(reply if isinstance(reply, Generation) else Generation(reply, len(reply.split())))
+        return out
+
+
+backends.BACKENDS["scripted"] = ScriptedBackend
+
+
+@pytest.fixture
+def scripted():
+    """Set `scripted.script = fn(chat, model) -> str`; calls are in `scripted.calls_log`."""
+    ScriptedBackend.calls_log = []
+    yield ScriptedBackend
+    ScriptedBackend.script = staticmethod(lambda chat, model: "")
+
+
+def make_config(script: str, section: str, tmp_path: Path, *overrides: str, recipe: str = "configs/tiny.yaml"):
+    module = load_script(script)
+    r = load_recipe(ROOT / recipe, [f"runs_dir={tmp_path}", *overrides])
+    return module, section_config(r, section, module.Config)

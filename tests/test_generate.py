@@ -1,0 +1,232 @@
+"""Stage 1 orchestration (scripted agents) and the real tiny model end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, make_config
+from safecot.records import InputError
+
+INTENTS = "EXPLICIT:\n- wants X\nIMPLICIT:\n- curious about X"
+COT = "THOUGHTS:\n1. The request is benign.\n2. Answer it.\nRESPONSE:\nHere is X."
+REVISE = "VERDICT: REVISE\nTHOUGHTS:\n1. The request is benign.\n2. Answer it.\n3. Agent {n} checked privacy.\nRESPONSE:\nHere is X, revised by {n}."
+AGREE = "VERDICT: AGREE\nI agree with the previous agent."
+
+
+def role_of(chat) -> str:
+    """Which template produced this chat, read from its own words."""
+    text = chat[-1]["content"]
+    if "List the explicit and the implicit intents" in text:
+        return "intent"
+    if "Current thoughts" in text:
+        return "review"
+    return "initial"
+
+
+def agent_no(chat) -> int:
+    return int(chat[0]["content"].split("You are agent ")[1].split()[0])
+
+
+def script_for(review):
+    """A script whose deliberation turns are decided by review(chat, agent_no)."""
+    def script(chat, model):
+        role = role_of(chat)
+        if role == "intent":
+            return INTENTS
+        if role == "initial":
+            return COT
+        return review(chat, agent_no(chat))
+    return script
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def run(tmp_path, scripted, review, *overrides):
+    scripted.script = script_for(review)
+    module, cfg = make_config("01_generate", "generate", tmp_path, "llm.backend=scripted", *overrides)
+    return module.main(cfg)
+
+
+def test_first_agent_agreement_stops_deliberation(tmp_path, scripted):
+    out = run(tmp_path, scripted, lambda chat, k: AGREE, "generate.limit=4")
+    recs = records(out)
+    assert len(recs) == 4
+    for r in recs:
+        assert r["stop_reason"] == "agreement" and r["rounds"] == 1 and r["turns"] == 1
+        assert r["intents"] == {"explicit": ["wants X"], "implicit": ["curious about X"]}
+        assert r["thoughts"] == ["The request is benign.", "Answer it."]
+        assert r["response"] == "Here is X."
+        assert [t["step"] for t in r["deliberation_log"]] == ["intent", "initial", "deliberation"]
+        assert r["deliberation_log"][-1]["verdict"] == "agree"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["stop_reasons"] == {"agreement": 4}
+    assert manifest["config"]["n_agents"] == 3
+
+
+def test_budget_stop_keeps_the_last_revision(tmp_path, scripted):
+    out = run(tmp_path, scripted, lambda chat, k: REVISE.format(n=k), "generate.limit=3",
+              "generate.n_agents=2", "generate.max_rounds=3")
+    for r in records(out):
+        assert r["stop_reason"] == "budget" and r["rounds"] == 3 and r["turns"] == 6
+        assert r["thoughts"][-1] == "Agent 2 checked privacy."
+        assert r["response"] == "Here is X, revised by 2."
+        verdicts = [t["verdict"] for t in r["deliberation_log"] if t["step"] == "deliberation"]
+        assert verdicts == ["revise"] * 6
+        assert [t["agent"] for t in r["deliberation_log"][2:4]] == ["agent_1", "agent_2"]
+
+
+def test_agreement_mid_round_and_agents_see_revisions(tmp_path, scripted):
+    seen = []
+
+    def review(chat, k):
+        seen.append((k, "Agent 1 checked privacy." in chat[-1]["content"]))
+        return REVISE.format(n=k) if k == 1 else AGREE
+
+    out = run(tmp_path, scripted, review, "generate.limit=2")
+    for r in records(out):
+        assert r["stop_reason"] == "agreement" and r["rounds"] == 1 and r["turns"] == 2
+        assert r["thoughts"][-1] == "Agent 1 checked privacy."
+    assert (2, True) in seen  # agent 2 reviewed agent 1's revision, not the initial CoT
+
+
+def test_one_batched_call_per_step_not_per_prompt(tmp_path, scripted):
+    # 10 prompts, 3 agents, 2 rounds, nobody agrees: intent + initial + 6 turns = 8 calls.
+    run(tmp_path, scripted, lambda chat, k: REVISE.format(n=k), "generate.limit=10",
+        "generate.chunk_size=64", "generate.max_rounds=2")
+    assert len(scripted.calls_log) == 8
+    assert all(n == 10 for _, n in scripted.calls_log)
+
+
+def test_only_active_prompts_are_sent_to_later_turns(tmp_path, scripted):
+    def review(chat, k):
+        return AGREE if "Why" in chat[-1]["content"] or k == 3 else REVISE.format(n=k)
+    run(tmp_path, scripted, review, "generate.limit=12", "generate.max_rounds=2")
+    sizes = [n for _, n in scripted.calls_log]
+    assert sizes[0] == sizes[1] == 12 and sizes[-1] < 12
+
+
+def test_malformed_outputs_are_kept_counted_and_do_not_stop(tmp_path, scripted):
+    scripted.script = lambda chat, model: "lorem ipsum, no format at all"
+    module, cfg = make_config("01_generate", "generate", tmp_path, "llm.backend=scripted",
+                              "generate.limit=3", "generate.n_agents=2", "generate.max_rounds=1")
+    out = module.main(cfg)
+    recs = records(out)
+    assert len(recs) == 3
+    for r in recs:
+        assert r["stop_reason"] == "budget"
+        assert r["parse_failures"] == ["intent", "initial", "deliberation", "deliberation"]
+        assert all(t["text"] == "lorem ipsum, no format at all" for t in r["deliberation_log"])
+        assert r["response"] == "lorem ipsum, no format at all"  # raw kept as the response
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["parse_failures"] == {"intent": 3, "initial": 3, "deliberation": 6}
+
+
+def test_heterogeneous_deliberators_are_recorded(tmp_path, scripted):
+    out = run(tmp_path, scripted, lambda chat, k: REVISE.format(n=k), "generate.limit=2",
+              "generate.max_rounds=1", "generate.deliberators=[{model: judge-a}, {model: judge-b}]")
+    log = records(out)[0]["deliberation_log"]
+    assert [t["model"] for t in log[2:]] == ["scripted:judge-a", "scripted:judge-b", "scripted:judge-a"]
+    assert {m for m, _ in scripted.calls_log} == {"tiny", "judge-a", "judge-b"}
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, scripted):
+    calls = {"n": 0}
+
+    def review(chat, k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second chunk's first review: the first chunk is already on disk
+            raise KeyboardInterrupt
+        return AGREE
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, scripted, review, "generate.limit=8", "generate.chunk_size=4")
+    out = tmp_path / "tiny" / "01_generate"
+    first = records(out)
+    assert len(first) == 4
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    # a torn line (killed mid-write) is work in flight: cut off and redone
+    with (out / "records.jsonl").open("a") as f:
+        f.write('{"id": "seed-00')
+    run(tmp_path, scripted, lambda chat, k: AGREE, "generate.limit=8", "generate.chunk_size=4")
+    again = records(out)
+    assert [r["id"] for r in again[:4]] == [r["id"] for r in first] and again[:4] == first
+    assert len({r["id"] for r in again}) == len(again) == 8
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["sessions"] == 2
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_overwrite_starts_over(tmp_path, scripted):
+    out = run(tmp_path, scripted, lambda chat, k: AGREE, "generate.limit=3")
+    n = len(scripted.calls_log)
+    run(tmp_path, scripted, lambda chat, k: AGREE, "generate.limit=3")
+    assert len(scripted.calls_log) == n
+    scripted.script = script_for(lambda chat, k: REVISE.format(n=k))
+    module, cfg = make_config("01_generate", "generate", tmp_path, "llm.backend=scripted", "generate.limit=3")
+    module.main(cfg, overwrite=True)
+    assert all(r["stop_reason"] == "budget" for r in records(out))
+
+
+def test_resume_under_another_config_is_refused(tmp_path, scripted):
+    out = run(tmp_path, scripted, lambda chat, k: AGREE, "generate.limit=2")
+    before = (out / "records.jsonl").read_text()
+    with pytest.raises(InputError, match="n_agents"):
+        run(tmp_path, scripted, lambda chat, k: AGREE, "generate.limit=2", "generate.n_agents=2")
+    assert (out / "records.jsonl").read_text() == before
+
+
+def test_failed_requests_are_left_for_the_next_run(tmp_path, scripted):
+    from safecot.backends import Generation
+
+    def flaky(chat, model):
+        if "Why" in chat[-1]["content"]:
+            return Generation("", 0, error="HTTP 500")
+        return script_for(lambda c, k: AGREE)(chat, model)
+
+    scripted.script = flaky
+    module, cfg = make_config("01_generate", "generate", tmp_path, "llm.backend=scripted", "generate.limit=12")
+    out = module.main(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    missing = manifest["counts"]["missing"]
+    assert missing > 0 and manifest["status"] == "partial"
+    assert len(records(out)) == 12 - missing
+    scripted.script = script_for(lambda c, k: AGREE)
+    module.main(cfg)
+    assert len(records(out)) == 12
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+# ---- the real tiny model ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_tiny_model_end_to_end(tmp_path, four_bit):
+    module, cfg = make_config("01_generate", "generate", tmp_path, "generate.limit=3", "generate.max_rounds=1",
+                              "generate.n_agents=2", "llm.max_new_tokens=8", f"llm.load_in_4bit={str(four_bit).lower()}")
+    out = module.main(cfg)
+    recs = records(out)
+    assert len(recs) == 3
+    for r in recs:
+        assert r["stop_reason"] in ("agreement", "budget")
+        assert {"id", "prompt", "label", "category", "intents", "thoughts", "response", "deliberation_log",
+                "rounds", "stop_reason"} <= set(r)
+        assert all(t["model"] == "hf:tiny" and t["tokens"] > 0 for t in r["deliberation_log"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["llm"]["load_in_4bit"] is four_bit
+    assert manifest["counts"]["this_session"]["generated_tokens"] > 0
+    if four_bit:
+        from safecot import backends
+        model = next(iter(backends._LOADED.values())).model
+        assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
+
+
+def test_command_line_runs_the_stage(tmp_path):
+    proc = subprocess.run([sys.executable, "01_generate.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}",
+                           "run_name=cli", "generate.limit=2", "generate.max_rounds=1", "llm.max_new_tokens=4"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(records(tmp_path / "cli" / "01_generate")) == 2

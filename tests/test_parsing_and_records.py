@@ -1,0 +1,97 @@
+"""Lenient parsing of agent outputs, templates, policies, prompt sets and the record writer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safecot.parsing import parse_cot, parse_intents, parse_review
+from safecot.prompt_sets import load_prompts
+from safecot.records import InputError, RecordWriter
+from safecot.templates import load_policies, load_template
+
+
+def test_cot_in_markdown_and_bullets():
+    text = "Sure!\n**Thoughts:**\n- First, the policy on privacy applies.\n* Second, help anyway.\n\n## Response\nHere you go."
+    thoughts, response, ok = parse_cot(text)
+    assert ok and thoughts == ["First, the policy on privacy applies.", "Second, help anyway."]
+    assert response == "Here you go."
+
+
+def test_cot_as_json_and_unparsable():
+    assert parse_cot('noise {"thoughts": ["a", "b"], "response": "r"} noise') == (["a", "b"], "r", True)
+    assert parse_cot("just an answer with no labels")[2] is False
+    assert parse_cot("THOUGHTS:\n1. only thoughts")[2] is False
+
+
+def test_intents_variants():
+    assert parse_intents("Explicit intents:\n1) get a recipe\nImplicit intents:\n1) cook dinner") == (
+        {"explicit": ["get a recipe"], "implicit": ["cook dinner"]}, True)
+    assert parse_intents('{"explicit": ["x"], "implicit": []}') == ({"explicit": ["x"], "implicit": []}, True)
+    assert parse_intents("garbage")[1] is False
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("VERDICT: AGREE\nI agree with the previous agent.", "agree"),
+    ("**Verdict:** agree", "agree"),
+    ("I agree with the previous agent.", "agree"),
+    ('{"verdict": "AGREE"}', "agree"),
+    ("VERDICT: REVISE\nTHOUGHTS:\n1. fixed\nRESPONSE:\nnew", "revise"),
+    ("Verdict: revise\nno thoughts given", "unparsed"),
+    ("I agree with the previous agent.\nTHOUGHTS:\n1. one more check", "revise"),
+    ("blah", "unparsed"),
+])
+def test_review_verdicts(text, verdict):
+    assert parse_review(text)[0] == verdict
+
+
+def test_revision_without_response_keeps_thoughts():
+    verdict, thoughts, response = parse_review("VERDICT: REVISE\nThoughts:\n1. a\n2. b")
+    assert (verdict, thoughts, response) == ("revise", ["a", "b"], "")
+
+
+def test_templates_and_policies_load_and_render():
+    for fmt in ("detailed", "cases"):
+        policies = load_policies(f"data/policies/{fmt}.yaml")
+        assert policies.format == fmt and "helpfulness" in policies.ids and len(policies.ids) >= 8
+        assert all(f"[{pid}]" in policies.text() for pid in policies.ids)
+    for name in ("intent", "initial_cot", "deliberate"):
+        tpl = load_template(name)
+        chat = tpl.chat(prompt="P?", policies="POL", intents="I", thoughts="T", response="R", agent=1, n_agents=2, round=1)
+        assert chat[-1]["role"] == "user" and "P?" in chat[-1]["content"]
+    with pytest.raises(InputError, match="no value"):
+        load_template("deliberate").chat(prompt="x")
+
+
+def test_seed_prompts_schema():
+    rows = load_prompts("data/prompts/seed.jsonl")
+    assert len(rows) >= 150
+    assert {r["label"] for r in rows} == {"harmful", "benign", "borderline"}
+    assert len({r["id"] for r in rows}) == len(rows)
+
+
+def test_csv_prompts_with_mapping_and_generated_ids(tmp_path):
+    p = tmp_path / "mine.csv"
+    p.write_text("question,kind\nHow do I bake bread?,general\nHow do I bake bread?,general\nWhat is 2+2?,general\n")
+    rows = load_prompts(str(p), columns={"prompt": "question", "category": "kind"}, defaults={"label": "benign"})
+    assert [r["prompt"] for r in rows] == ["How do I bake bread?", "What is 2+2?"]  # repeated prompt taken once
+    assert rows[0]["id"].startswith("mine-") and rows[0]["label"] == "benign"
+    assert load_prompts(str(p), columns={"prompt": "question"})[0]["id"] == rows[0]["id"]  # stable ids
+
+
+def test_hub_dataset_by_id_fails_clearly_offline():
+    with pytest.raises(InputError, match="hf:nobody/nothing"):
+        load_prompts("hf:nobody/nothing")
+
+
+def test_record_writer_recovers_from_torn_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with RecordWriter(path) as w:
+        w.write({"id": "a", "x": 1})
+        w.write({"id": "a", "x": 2})  # a duplicate id is ignored
+    with path.open("a") as f:
+        f.write('{"id": "b", "x"')
+    with RecordWriter(path) as w:
+        assert set(w.done) == {"a"}
+        w.write({"id": "b", "x": 3})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"id": "a", "x": 1}, {"id": "b", "x": 3}]
