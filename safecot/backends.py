@@ -174,8 +174,10 @@ _LOADED: dict[tuple, Backend] = {}
 
 
 def get_backend(cfg: LLMConfig) -> Backend:
-    """One loaded backend per (backend, model, weights) so roles sharing a model share its memory."""
-    key = (cfg.backend, cfg.model, cfg.adapter, cfg.load_in_4bit, cfg.dtype, cfg.base_url)
+    """One loaded backend per (backend, model, weights) so roles sharing a model share its memory.
+    The openai client's settings are fixed when it is built, so they are part of the key too."""
+    key = (cfg.backend, cfg.model, cfg.adapter, cfg.load_in_4bit, cfg.dtype,
+           cfg.base_url, cfg.api_key_env, cfg.timeout_s, cfg.max_retries)
     if key not in _LOADED:
         _LOADED[key] = BACKENDS[cfg.backend](cfg)
     return _LOADED[key]

@@ -31,8 +31,9 @@ second".
                   driven: True as soon as N are in), check `wait_in_flight(N + 1, short)` is False,
                   then `open_gate()`.
 
-`max_in_flight` is the most requests of any behaviour handled at once (from the moment the body is
-read until the answer is written); `in_flight` is the number now. `attempts(content)` is how many requests carried that last
+`max_in_flight` is the most requests of any behaviour handled at once (each counted from the moment
+its body is read until just before its answer is written, so a client that waits for one answer
+before sending the next request is never seen with two); `in_flight` is the number now. `attempts(content)` is how many requests carried that last
 user content. Each entry of `requests` is a `Received(path, body, authorization, headers)` with the
 parsed JSON body and the raw Authorization header value.
 """
@@ -108,9 +109,6 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:              # the client gave up (timeout) and closed the socket
             pass
 
-    def _json(self, status: int, obj: dict, headers: dict | None = None):
-        self._send(status, json.dumps(obj).encode(), headers)
-
     def do_POST(self):
         test: OpenAITestServer = self.server.test_server
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -121,29 +119,38 @@ class _Handler(BaseHTTPRequestHandler):
         behaviour, content = behaviour_of(body)
         test._arrive(Received(self.path, body, self.headers.get("Authorization"), dict(self.headers)), content)
         try:
-            self._handle(test, behaviour, body, content)
+            answer = self._answer(test, behaviour, body, content)
         finally:
+            # Leave before writing: once the answer is on the wire the client may send its next
+            # request, which must not find this one still counted.
             test._leave()
+        if answer is not None:
+            self._send(*answer)
 
-    def _handle(self, test: "OpenAITestServer", behaviour: str, body: dict | None, content: str):
+    def _answer(self, test: "OpenAITestServer", behaviour: str, body: dict | None, content: str):
+        """(status, payload, headers) to send, or None to close without an answer."""
         if not self.path.rstrip("/").endswith("/chat/completions") or body is None:
-            return self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+            return _json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
         if behaviour == "500-once" and test.attempts(content) == 1:
-            return self._json(500, {"error": {"message": "transient failure", "type": "server_error"}},
-                              {"retry-after-ms": "1"})
+            return _json(500, {"error": {"message": "transient failure", "type": "server_error"}},
+                         {"retry-after-ms": "1"})
         if behaviour == "400":
-            return self._json(400, {"error": {"message": "bad request (test)", "type": "invalid_request_error",
-                                              "param": None, "code": None}})
+            return _json(400, {"error": {"message": "bad request (test)", "type": "invalid_request_error",
+                                         "param": None, "code": None}})
         if behaviour == "hang":
             test._hung.wait(HANG_SAFETY_S)
-            return                   # close without an answer
+            return None
         if behaviour == "bad-json":
-            return self._send(200, b'{"choices": [')
+            return 200, b'{"choices": [', {}
         if behaviour == "not-completion":
-            return self._json(200, {"foo": 1})
+            return _json(200, {"foo": 1})
         if behaviour == "gate":
             test._gate.wait(test.gate_timeout_s)
-        return self._json(200, completion(body, content))
+        return _json(200, completion(body, content))
+
+
+def _json(status: int, obj: dict, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    return status, json.dumps(obj).encode(), headers or {}
 
 
 class OpenAITestServer:

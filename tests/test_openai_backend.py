@@ -151,8 +151,8 @@ def test_concurrency_bound_holds_and_is_used(limit):
 
 def test_concurrency_one_is_sequential(server):
     gens = Agent("judge", cfg_for(server, max_concurrency=1))([user(f"seq {i}") for i in range(6)])
-    assert [g.text for g in gens] == [f"echo: seq {i}" for i in range(6)]
     assert server.max_in_flight == 1
+    assert [g.text for g in gens] == [f"echo: seq {i}" for i in range(6)]
     assert [r.body["messages"][-1]["content"] for r in server.requests] == [f"seq {i}" for i in range(6)]
 
 
