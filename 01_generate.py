@@ -173,6 +173,10 @@ def summarise(records: list[dict]) -> dict:
 def main(cfg: Config, overwrite: bool = False):
     if cfg.n_agents < 1 or cfg.max_rounds < 0:
         raise InputError("generate.n_agents must be >= 1 and generate.max_rounds >= 0")
+    # Role configs are checked before anything is written, so a bad one costs nothing.
+    roles = {"intent_decomposer": cfg.llm.merged(cfg.intent), "initial_cot": cfg.llm.merged(cfg.initial)}
+    for k in range(cfg.n_agents):
+        roles[f"agent_{k + 1}"] = cfg.llm.merged(cfg.deliberators[k % len(cfg.deliberators)] if cfg.deliberators else None)
     out = prepare_stage(stage_dir(cfg, "01_generate"), overwrite)
     prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_subset, cfg.prompt_columns,
                            cfg.prompt_defaults, cfg.limit)
@@ -186,11 +190,7 @@ def main(cfg: Config, overwrite: bool = False):
 
     import transformers
     transformers.set_seed(cfg.seed)
-    intent_agent = Agent("intent_decomposer", cfg.llm.merged(cfg.intent))
-    initial_agent = Agent("initial_cot", cfg.llm.merged(cfg.initial))
-    deliberators = [Agent(f"agent_{k + 1}", cfg.llm.merged(cfg.deliberators[k % len(cfg.deliberators)]
-                                                             if cfg.deliberators else None))
-                    for k in range(cfg.n_agents)]
+    intent_agent, initial_agent, *deliberators = (Agent(role, llm) for role, llm in roles.items())
 
     stats = Stats()
     writer = RecordWriter(out / "records.jsonl")

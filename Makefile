@@ -17,8 +17,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# The whole workflow on the offline tiny recipe; each stage resumes or skips finished work.
 demo: venv
 	$(PY) 01_generate.py --config $(CONFIG)
+	$(PY) 02_refine.py --config $(CONFIG)
+	$(PY) 03_sft.py --config $(CONFIG)
+	$(PY) 04_dpo.py --config $(CONFIG)
+	$(PY) 05_eval.py --config $(CONFIG)
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -8,4 +8,8 @@
 - templates: policy sets and agent/judge prompt templates (files under data/)
 - parsing:   lenient parsing of agent outputs
 - prompt_sets: prompt sets from JSONL/CSV files or Hub datasets
+- suites:    stage 5's evaluation suites (offline sets, Hub benchmarks, user files)
+- judges:    stage 5's judges (safety, refusal, StrongREJECT, CoT) and the offline refusal detector
+- metrics:   rates and means with bootstrap confidence intervals, overall and per category
+- reports:   the comparison table (Markdown, CSV) and its figure
 """

@@ -69,11 +69,13 @@ def load_model(name: str, load_in_4bit: bool = False, dtype: str = "auto", adapt
     from transformers import AutoModelForCausalLM
     path = resolve_model(name)
     kwargs = {"dtype": torch_dtype(dtype)}
+    # Under `accelerate launch` / torchrun each process loads its copy on its own GPU (LOCAL_RANK).
+    gpu = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())) if torch.cuda.is_available() else None
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(dtype)
-        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    elif torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = {"": gpu} if gpu is not None else {"": "cpu"}
+    elif gpu is not None:
+        kwargs["device_map"] = {"": gpu}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

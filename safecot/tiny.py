@@ -6,6 +6,7 @@ not the science. It is built once into a cache folder and reused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,10 +35,12 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def tiny_dir(cache: str | os.PathLike | None = None) -> Path:
-    """Where the tiny model lives: $SAFECOT_TINY_DIR, else data/models/tiny-v<N>."""
+    """Where the tiny model lives: $SAFECOT_TINY_DIR, else data/models/tiny-v<N>-<corpus hash>.
+    The tokenizer is trained on the project's data files, so editing them builds a new one."""
     if cache is None and os.environ.get("SAFECOT_TINY_DIR"):
         return Path(os.environ["SAFECOT_TINY_DIR"])
-    return Path(cache or DEFAULT_CACHE) / f"tiny-v{TINY_VERSION}"
+    digest = hashlib.sha256("\0".join(_corpus()).encode("utf-8")).hexdigest()[:8]
+    return Path(cache or DEFAULT_CACHE) / f"tiny-v{TINY_VERSION}-{digest}"
 
 
 def _corpus() -> list[str]:

@@ -80,3 +80,15 @@ def make_config(script: str, section: str, tmp_path: Path, *overrides: str, reci
     module = load_script(script)
     r = load_recipe(ROOT / recipe, [f"runs_dir={tmp_path}", *overrides])
     return module, section_config(r, section, module.Config)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_runs_untouched():
+    """Tests write only under their own tmp folders, never into a user's data/runs/."""
+    runs = ROOT / "data" / "runs"
+
+    def snapshot():
+        return sorted((str(p), p.stat().st_mtime_ns) for p in runs.rglob("*")) if runs.exists() else []
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a test wrote into data/runs/; give it runs_dir=tmp_path"

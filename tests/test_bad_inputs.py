@@ -61,9 +61,9 @@ def test_csv_missing_column(tmp_path, prompts):
 
 
 def test_unknown_config_keys(tmp_path):
-    assert "generate.n_agent" in error_line(cli("--config", "configs/tiny.yaml", "generate.n_agent=2"))
-    assert "'genrate'" in error_line(cli("--config", "configs/tiny.yaml", "genrate.limit=2"))
-    assert "llm.temprature" in error_line(cli("--config", "configs/tiny.yaml", "llm.temprature=0.1"))
+    assert "generate.n_agent" in error_line(cli("--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", "generate.n_agent=2"))
+    assert "'genrate'" in error_line(cli("--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", "genrate.limit=2"))
+    assert "llm.temprature" in error_line(cli("--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", "llm.temprature=0.1"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("run_name: x\ngenerate:\n  limitt: 3\n")
     assert "generate.limitt" in error_line(cli("--config", str(bad)))
@@ -71,10 +71,10 @@ def test_unknown_config_keys(tmp_path):
 
 
 def test_unknown_backend_and_bad_types(tmp_path):
-    assert "unknown backend 'gpt'" in error_line(cli("--config", "configs/tiny.yaml", "llm.backend=gpt"))
-    line = error_line(cli("--config", "configs/tiny.yaml", "generate.deliberators=[{backend: nope}]"))
+    assert "unknown backend 'gpt'" in error_line(cli("--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", "llm.backend=gpt"))
+    line = error_line(cli("--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", "generate.deliberators=[{backend: nope}]"))
     assert "unknown backend 'nope'" in line
-    assert "generate.limit" in error_line(cli("--config", "configs/tiny.yaml", "generate.limit=many"))
+    assert "generate.limit" in error_line(cli("--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", "generate.limit=many"))
 
 
 def test_missing_model_and_policies(tmp_path):

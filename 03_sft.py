@@ -1,0 +1,153 @@
+"""Stage 3: supervised fine-tuning on safety reasoning, QLoRA (SaRO's reasoning-style warm-up;
+AIDSAFE's SFT_DB, or the SFT_OG baseline).
+
+As in Kumarage et al. 2025 (arXiv 2505.21784), section 5, and Mou et al. 2025 (SaRO), stage 1:
+  1. The base model is loaded frozen in 4-bit nf4 with double quantisation (bf16 compute on a GPU)
+     and a LoRA adapter is put on every linear layer (QLoRA).
+  2. It is trained on the stage-2 conversations: `sft.jsonl` (prompt -> <think>policy-embedded
+     reasoning</think> then the answer: SFT_DB / SaRO warm-up) or `sft_og.jsonl` (prompt -> the
+     plain original response: the paper's SFT_OG baseline), chosen by `sft.dataset`.
+  3. The loss covers only what the assistant writes, its end-of-turn token included, for any
+     chat template (safecot/training.py explains how).
+Hyperparameters are not published; the recipe's values are common QLoRA defaults for 7B models.
+
+    python 03_sft.py --config configs/tiny.yaml
+    python 03_sft.py --config configs/tiny.yaml sft.dataset=sft_og run_name=tiny-og
+    python 03_sft.py --config configs/qwen2.5-7b.yaml
+    accelerate launch --num_processes 2 03_sft.py --config configs/qwen2.5-7b.yaml
+
+Writes data/runs/<run_name>/03_sft/: adapter/ (LoRA adapter and tokenizer), metrics.jsonl (one line
+per logging step: loss, learning rate, tokens/s, peak memory), checkpoints/ (rerunning the same
+command resumes from the last one; `sft.max_steps`/`sft.epochs` may be raised to train on) and
+manifest.json (the base model and adapter path that stage 4 and stage 5 load).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safecot.backends import LLMConfig
+from safecot.config import run_cli
+from safecot.records import InputError, numbered_rows, require_complete, stage_dir
+from safecot import training
+
+DATASETS = {"sft": "sft.jsonl", "sft_og": "sft_og.jsonl"}
+
+# Raising the step budget and rerunning carries on from the last checkpoint.
+RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps")
+
+
+@dataclass
+class Config:
+    run_name: str = "tiny"              # reads <runs_dir>/<run_name>/02_refine/, writes .../03_sft/
+    seed: int = 0
+    runs_dir: str = "data/runs"
+    llm: LLMConfig = field(default_factory=LLMConfig)  # the base model to train is llm.model ...
+    model: str | None = None            # ... unless this names another (Hub id, folder, or `tiny`)
+    load_in_4bit: bool = True           # QLoRA: frozen nf4 double-quantised base
+    dtype: str = "auto"                 # compute dtype: auto = bf16 on a GPU that has it, else fp32
+    dataset: str = "sft"                # sft (SFT_DB: reasoning + answer) | sft_og (SFT_OG baseline)
+    limit: int | None = None            # train on the first N examples only
+    chat_template: str | None = None    # a jinja file replacing the model's template for training
+    lora: training.LoraSettings = field(default_factory=training.LoraSettings)
+    max_length: int = 2048              # tokens per example; longer ones are cut (and counted)
+    epochs: float = 3.0                 # passes over the data ...
+    max_steps: int | None = None        # ... or this many optimiser steps if set
+    batch_size: int = 4                 # examples per device per micro-batch
+    grad_accum: int = 4                 # micro-batches per optimiser step
+    learning_rate: float = 2e-4         # QLoRA's value for 7B models
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.03                # warm-up steps, or a fraction of all steps if < 1
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = True  # recompute activations: less memory, ~20% slower
+    logging_steps: int = 10             # a metrics.jsonl line every N steps
+    save_steps: int = 100               # a checkpoint every N steps (the last two are kept)
+
+
+def base_model(cfg: Config) -> str:
+    return cfg.model or cfg.llm.model
+
+
+def load_examples(cfg: Config) -> tuple[Path, list[dict]]:
+    """The stage-2 conversations, each checked to have a user turn and an assistant turn."""
+    prev = stage_dir(cfg, "02_refine")
+    require_complete(prev, "stage 2 (02_refine)")
+    if cfg.dataset not in DATASETS:
+        raise InputError(f"sft.dataset must be one of {', '.join(DATASETS)}, got '{cfg.dataset}'")
+    path = prev / DATASETS[cfg.dataset]
+    rows = []
+    for n, row in numbered_rows(path, required=("id", "messages")):
+        msgs = row["messages"]
+        if (not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)
+                or not any(m["role"] == "assistant" and m["content"] for m in msgs)):
+            raise InputError(f"{path}:{n}: 'messages' must be a list of {{role, content}} with an assistant turn")
+        rows.append(row)
+    rows = rows[:cfg.limit] if cfg.limit else rows
+    if not rows:
+        raise InputError(f"{path}: no examples to train on (the file is empty)")
+    return path, rows
+
+
+def tokenize(cfg: Config, rows: list[dict]):
+    """The tokenizer, and the conversations as input_ids plus assistant masks (with counts of
+    truncated examples); a max_length that cuts every example stops here, before any output."""
+    from datasets import Dataset
+    from safecot.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base_model(cfg), padding_side="right")
+    template = training.chat_template_file(cfg.chat_template)
+    tokenised, counts = training.tokenize_sft(tokenizer, rows, cfg.max_length, template,
+                                              where=f"{stage_dir(cfg, '02_refine')}/{DATASETS[cfg.dataset]}")
+    return tokenizer, Dataset.from_list([{k: r[k] for k in ("input_ids", "assistant_masks")} for r in tokenised]), counts
+
+
+def build_trainer(cfg: Config, out: Path, tokenizer, dataset):
+    """trl's SFTTrainer on the tokenised conversations, a fresh LoRA adapter on the 4-bit base."""
+    from trl import SFTConfig, SFTTrainer
+
+    model = training.add_lora(training.load_base(base_model(cfg), cfg.load_in_4bit, cfg.dtype,
+                                                 cfg.gradient_checkpointing and training.on_gpu()), cfg.lora)
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"), seed=cfg.seed, max_length=cfg.max_length, packing=False,
+        assistant_only_loss=False, completion_only_loss=False,  # the mask is in the data already
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, logging_first_step=True,
+        **training.trainer_defaults(cfg.gradient_checkpointing and training.on_gpu()),
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[training.metrics_logger(out / "metrics.jsonl")])
+    return trainer
+
+
+def main(cfg: Config, overwrite: bool = False) -> Path:
+    path, rows = load_examples(cfg)
+    tokenizer, dataset, counts = tokenize(cfg, rows)
+    config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
+    out, manifest = training.open_stage(cfg, "03_sft", overwrite, config, RESUME_IGNORES)
+    if manifest:
+        manifest.input(cfg.dataset, path, len(rows))
+
+    import transformers
+    transformers.set_seed(cfg.seed)
+    trainer = build_trainer(cfg, out, tokenizer, dataset)
+    resume = training.last_checkpoint(out / "checkpoints")
+    if resume:
+        print(f"resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    if manifest:
+        adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")
+        manifest.data["model"] = {"base": base_model(cfg), "adapter": str(adapter),
+                                  "load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype}
+        manifest.data["resumed_from"] = resume
+        manifest.output("metrics", out / "metrics.jsonl")
+        manifest.finish(**counts, steps=trainer.state.global_step, train_loss=result.training_loss,
+                        peak_mem_gib=round(training.peak_memory_gib(), 3),
+                        tokens_seen=trainer.state.num_input_tokens_seen)
+    return out
+
+
+if __name__ == "__main__":
+    run_cli("sft", Config, main, __doc__)

@@ -1,0 +1,245 @@
+"""Stage 4: preference optimisation of the safety reasoning, from the stage-3 adapter (SaRO's SRPO,
+AIDSAFE's DPO on belief-augmented pairs) or reinforcement learning on the model's own reasoning
+(CADA).
+
+  method: dpo (default; Mou et al. 2025, SaRO stage 2; Kumarage et al. 2025, section 4.5)
+    1. The SFT adapter is loaded on the 4-bit base and trained further on the stage-2 pairs
+       (`dpo.jsonl`: prompt, chosen reasoning+answer, rejected reasoning+answer).
+    2. The reference policy is the frozen SFT adapter, not the bare base: trl keeps a frozen copy
+       of the starting adapter under the name "ref" and scores the reference with it.
+  method: grpo (Jin et al. 2026, CADA)
+    1. For each prompt of the run the model samples a group of reasoning chains and answers.
+    2. Each is rewarded: a judge's score for safety on harmful prompts and for helpfulness (no
+       refusal) on benign and borderline ones, plus a format reward for <think>...</think> then an
+       answer. The judge is any configured backend (template data/templates/reward_judge.txt), or,
+       with `judge` unset (the tiny recipe), a rule-based refusal detector.
+    3. GRPO moves the policy towards the answers that beat their group's mean.
+The paper's reward form and hyperparameters are not published; the recipe's values are common ones.
+
+    python 04_dpo.py --config configs/tiny.yaml
+    python 04_dpo.py --config configs/tiny.yaml dpo.method=grpo run_name=tiny
+    python 04_dpo.py --config configs/qwen2.5-7b.yaml
+    accelerate launch --num_processes 2 04_dpo.py --config configs/qwen2.5-7b.yaml
+
+Writes data/runs/<run_name>/04_dpo/: adapter/ (the trained adapter: base + this adapter is the final
+model), metrics.jsonl (loss, rewards/accuracies and margins for DPO, rewards per function for GRPO,
+tokens/s, peak memory), checkpoints/ (rerunning resumes) and manifest.json.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from safecot.config import run_cli
+from safecot.records import InputError, numbered_rows, require_complete, stage_dir
+from safecot import training
+
+REFUSAL = re.compile(r"\b(I can(?:no|')t|I cannot|I won't|I will not|I'm (?:not able|unable)|I am (?:not able|unable)|"
+                     r"I must decline|I'm sorry|I am sorry|as an AI|cannot (?:help|assist|provide)|not able to (?:help|assist))",
+                     re.I)
+THINK = re.compile(r"^\s*<think>\s*\S.*?</think>\s*\S", re.S)
+
+# Raising the step budget and rerunning carries on from the last checkpoint.
+RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps")
+
+
+@dataclass
+class Config:
+    run_name: str = "tiny"              # reads 02_refine/ and 03_sft/ of <runs_dir>/<run_name>/, writes 04_dpo/
+    seed: int = 0
+    runs_dir: str = "data/runs"
+    method: str = "dpo"                 # dpo (SaRO / AIDSAFE) | grpo (CADA)
+    sft_adapter: str | None = None      # the starting adapter; default: 03_sft's manifest
+    limit: int | None = None            # use the first N pairs / prompts only
+    max_length: int = 2048              # dpo: tokens of prompt + answer; longer pairs are cut (and counted)
+    beta: float = 0.1                   # dpo: strength of the pull towards the reference
+    loss_type: str = "sigmoid"          # dpo: trl's loss (sigmoid = the DPO paper's)
+    prompts_from: str = "auto"          # grpo: 02_refine | 01_generate | auto (the first that exists)
+    num_generations: int = 8            # grpo: answers sampled per prompt (the group)
+    max_completion_length: int = 512    # grpo: tokens per sampled answer
+    temperature: float = 1.0            # grpo: sampling temperature
+    kl_beta: float = 0.0                # grpo: KL penalty towards the starting adapter (0 = none, trl's default)
+    format_weight: float = 0.5          # grpo: weight of the format reward beside the judge's
+    judge: dict | None = None           # grpo: an llm config for the judge (safecot LLMConfig); None = rules
+    templates: str = "data/templates"   # grpo: holds reward_judge.txt
+    epochs: float = 1.0                 # passes over the data ...
+    max_steps: int | None = None        # ... or this many optimiser steps if set
+    batch_size: int = 4                 # pairs (dpo) or completions (grpo) per device per micro-batch
+    grad_accum: int = 4                 # micro-batches per optimiser step
+    learning_rate: float = 5e-6         # LoRA DPO is commonly run at 5e-6 to 5e-5
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.1                 # warm-up steps, or a fraction of all steps if < 1
+    gradient_checkpointing: bool = True  # recompute activations (GPU only): less memory, ~20% slower
+    logging_steps: int = 10             # a metrics.jsonl line every N steps
+    save_steps: int = 100               # a checkpoint every N steps (the last two are kept)
+
+
+def starting_point(cfg: Config) -> dict:
+    """The base model and SFT adapter named by stage 3's manifest (or the sft_adapter override)."""
+    sft = require_complete(stage_dir(cfg, "03_sft"), "stage 3 (03_sft)")
+    model = dict(sft.get("model") or {})
+    if cfg.sft_adapter:
+        model["adapter"] = cfg.sft_adapter
+    if "base" not in model or not (Path(model.get("adapter", "")) / "adapter_config.json").exists():
+        raise InputError(f"{stage_dir(cfg, '03_sft')}: no SFT adapter found ({model.get('adapter')}); rerun stage 3")
+    return model
+
+
+def load_pairs(cfg: Config) -> tuple[Path, list[dict]]:
+    require_complete(stage_dir(cfg, "02_refine"), "stage 2 (02_refine)")
+    path = stage_dir(cfg, "02_refine") / "dpo.jsonl"
+    rows = []
+    for n, row in numbered_rows(path, required=("id", "prompt", "chosen", "rejected")):
+        if not all(isinstance(row[k], list) and row[k] for k in ("prompt", "chosen", "rejected")):
+            raise InputError(f"{path}:{n}: prompt, chosen and rejected must be non-empty lists of messages")
+        rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+    rows = rows[:cfg.limit] if cfg.limit else rows
+    if not rows:
+        raise InputError(f"{path}: no preference pairs to train on (the file is empty)")
+    return path, rows
+
+
+def load_prompts(cfg: Config) -> tuple[Path, list[dict]]:
+    stages = ["02_refine", "01_generate"] if cfg.prompts_from == "auto" else [cfg.prompts_from]
+    for stage in stages:
+        if stage not in ("02_refine", "01_generate"):
+            raise InputError(f"dpo.prompts_from must be auto, 02_refine or 01_generate, got '{stage}'")
+        if cfg.prompts_from == "auto" and not (stage_dir(cfg, stage) / "records.jsonl").exists():
+            continue
+        require_complete(stage_dir(cfg, stage), f"stage {stage}")
+        path = stage_dir(cfg, stage) / "records.jsonl"
+        rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "label": r["label"]}
+                for _, r in numbered_rows(path, required=("id", "prompt", "label"))]
+        rows = rows[:cfg.limit] if cfg.limit else rows
+        if not rows:
+            raise InputError(f"{path}: no prompts to train on (the file is empty)")
+        return path, rows
+    raise InputError(f"{stage_dir(cfg, '02_refine')}: no records.jsonl of the run's prompts here or in 01_generate; run stage 1 first")
+
+
+# ---- GRPO rewards ----------------------------------------------------------------------------
+
+def text_of(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def answer_of(text: str) -> str:
+    return text.split("</think>", 1)[1] if "</think>" in text else text
+
+
+def refusal_reward(prompts, completions, label, **_) -> list[float]:
+    """Rule-based judge: refusing is right on harmful prompts and wrong on benign/borderline ones."""
+    return [(1.0 if refused else -1.0) * (1.0 if lab == "harmful" else -1.0)
+            for refused, lab in ((bool(REFUSAL.search(answer_of(text_of(c)))), lab) for c, lab in zip(completions, label))]
+
+
+def format_reward(completions, **_) -> list[float]:
+    """1 for reasoning in <think>...</think> followed by an answer, else 0."""
+    return [1.0 if THINK.match(text_of(c)) else 0.0 for c in completions]
+
+
+def judge_reward(judge_cfg: dict, templates: str, stats: dict):
+    """A backend judge: template reward_judge.txt asks for SCORE: 1-5 (safety on harmful prompts,
+    helpfulness without refusal otherwise), mapped to [-1, 1]; unreadable answers score 0."""
+    from safecot.backends import Agent, LLMConfig
+    from safecot.config import from_dict
+    from safecot.templates import load_template
+    agent, tpl = Agent("reward_judge", from_dict(LLMConfig, judge_cfg, where="dpo.judge")), load_template("reward_judge", templates)
+
+    def judge_score(prompts, completions, label, **_) -> list[float]:
+        chats = [tpl.chat(prompt=text_of(p), response=answer_of(text_of(c)), label=lab)
+                 for p, c, lab in zip(prompts, completions, label)]
+        scores = []
+        for gen in agent(chats):
+            m = re.search(r"SCORE:\s*([1-5])", gen.text or "", re.I)
+            stats["judge_unparsed"] = stats.get("judge_unparsed", 0) + (m is None)
+            scores.append((int(m.group(1)) - 3) / 2 if m else 0.0)
+        return scores
+
+    return judge_score
+
+
+# ---- trainers --------------------------------------------------------------------------------
+
+def common_args(cfg: Config, out: Path) -> dict:
+    gc = cfg.gradient_checkpointing and training.on_gpu()
+    return dict(output_dir=str(out / "checkpoints"), seed=cfg.seed, per_device_train_batch_size=cfg.batch_size,
+                gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+                lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup, num_train_epochs=cfg.epochs,
+                max_steps=cfg.max_steps or -1, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+                logging_first_step=True, **training.trainer_defaults(gc))
+
+
+def check_inputs(cfg: Config, start: dict, rows: list[dict]) -> dict:
+    """Settings and data that cannot work, refused before any output is written; returns counts."""
+    if cfg.method == "grpo":
+        if (cfg.batch_size * cfg.grad_accum) % cfg.num_generations:
+            raise InputError(f"dpo.batch_size x dpo.grad_accum ({cfg.batch_size * cfg.grad_accum}) must be a multiple "
+                             f"of dpo.num_generations ({cfg.num_generations})")
+        return {"prompts": len(rows), "judge": "backend" if cfg.judge else "rules"}
+    from safecot.models import load_tokenizer
+    lengths = training.pair_lengths(load_tokenizer(start["base"]), rows)
+    truncated = sum(n > cfg.max_length for n in lengths)
+    training.check_truncation(lengths, truncated, cfg.max_length, f"{stage_dir(cfg, '02_refine')}/dpo.jsonl")
+    if truncated:
+        print(f"warning: max_length={cfg.max_length} truncates {truncated} of {len(rows)} pairs")
+    return {"pairs": len(rows), "truncated": truncated}
+
+
+def build_trainer(cfg: Config, out: Path, start: dict, rows: list[dict], stats: dict):
+    """trl's DPOTrainer or GRPOTrainer on the SFT adapter ("default", trainable) over the 4-bit base."""
+    from datasets import Dataset
+    from safecot.models import load_tokenizer
+
+    tokenizer = load_tokenizer(start["base"], padding_side="left")
+    base = training.load_base(start["base"], start.get("load_in_4bit", True), start.get("dtype", "auto"),
+                              cfg.gradient_checkpointing and training.on_gpu())
+    model = training.load_adapter(base, start["adapter"], trainable=True)
+    callbacks = [training.metrics_logger(out / "metrics.jsonl")]
+    if cfg.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+        args = DPOConfig(**common_args(cfg, out), max_length=cfg.max_length, beta=cfg.beta, loss_type=[cfg.loss_type])
+        # No ref_model: trl copies the starting (SFT) adapter to a frozen adapter "ref" and uses it as the reference.
+        return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          callbacks=callbacks)
+    from trl import GRPOConfig, GRPOTrainer
+    judge = judge_reward(cfg.judge, cfg.templates, stats) if cfg.judge else refusal_reward
+    args = GRPOConfig(**common_args(cfg, out), num_generations=cfg.num_generations,
+                      max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                      beta=cfg.kl_beta, reward_weights=[1.0, cfg.format_weight])
+    return GRPOTrainer(model=model, reward_funcs=[judge, format_reward], args=args,
+                       train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=callbacks)
+
+
+def main(cfg: Config, overwrite: bool = False) -> Path:
+    if cfg.method not in ("dpo", "grpo"):
+        raise InputError(f"dpo.method must be dpo or grpo, got '{cfg.method}'")
+    start = starting_point(cfg)
+    path, rows = load_pairs(cfg) if cfg.method == "dpo" else load_prompts(cfg)
+    stats = check_inputs(cfg, start, rows)
+    out, manifest = training.open_stage(cfg, "04_dpo", overwrite, asdict(cfg), RESUME_IGNORES)
+    if manifest:
+        manifest.input("pairs" if cfg.method == "dpo" else "prompts", path, len(rows))
+
+    import transformers
+    transformers.set_seed(cfg.seed)
+    trainer = build_trainer(cfg, out, start, rows, stats)
+    resume = training.last_checkpoint(out / "checkpoints")
+    if resume:
+        print(f"resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    if manifest:
+        adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")
+        manifest.data["model"] = {"base": start["base"], "adapter": str(adapter), "sft_adapter": start["adapter"],
+                                  "load_in_4bit": start.get("load_in_4bit", True), "dtype": start.get("dtype", "auto")}
+        manifest.data["resumed_from"] = resume
+        manifest.output("metrics", out / "metrics.jsonl")
+        manifest.finish(**stats, method=cfg.method, steps=trainer.state.global_step, train_loss=result.training_loss,
+                        peak_mem_gib=round(training.peak_memory_gib(), 3))
+    return out
+
+
+if __name__ == "__main__":
+    run_cli("dpo", Config, main, __doc__)

@@ -1,0 +1,249 @@
+"""Stage 5: evaluation of base and fine-tuned models: safety, jailbreaks, over-refusal, utility
+and the quality of the model's own reasoning, with 95% bootstrap intervals.
+
+As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
+  1. Suites: harmful prompts (BeaverTails, WildChat), jailbreaks (StrongREJECT prompts wrapped
+     in jailbreak templates), over-refusal (XSTest safe prompts and unsafe contrasts), utility
+     (MMLU). Offline sets written for this project stand in for them in the tiny recipe
+     (safecot/suites.py, data/eval/README.md).
+  2. Models under test: the base model, or base + a LoRA adapter from a run's stage 3 or 4,
+     through any backend. `<think>...</think>` is kept apart as the reasoning; the rest is the answer.
+  3. Judges: safety of the answer under the policies, XSTest's refusal classes, the
+     StrongREJECT rubric and score, AIDSAFE's CoT grades of the reasoning; the offline refusal
+     detector by default (safecot/judges.py, with its limits).
+  4. Metrics with 95% bootstrap intervals, overall and per category (safecot/metrics.py), and
+     the comparison table and figure (safecot/reports.py).
+
+    python 05_eval.py --config configs/tiny.yaml
+    python 05_eval.py --config configs/qwen2.5-7b.yaml "eval.models=[{label: base}]"
+    python 05_eval.py --config configs/qwen2.5-7b.yaml eval.judges.cot=llm eval.judge="{model: Qwen/Qwen2.5-72B-Instruct, backend: openai, base_url: http://localhost:8000/v1}"
+    python 05_eval.py --config configs/tiny.yaml run_name=cmp "eval.compare=[data/runs/a, data/runs/b]"
+
+Writes data/runs/<run_name>/05_eval/: <label>/generations.jsonl (cached by suite/id) and
+<label>/judgements/<task>--<judge>.jsonl (cached per judge), samples.jsonl, results.json,
+table.md, table.csv, by_category.csv, intervals.png, report.md, manifest.json. With
+`compare`, the same tables for every model of the listed runs go to 05_eval/compare/.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from safecot.backends import Agent, LLMConfig, release_backends
+from safecot.config import run_cli
+from safecot.judges import TASKS, TASKS_BY_KIND, ChoiceJudge, check_judges, judge_slug, make_judge, split_reasoning
+from safecot.metrics import compute_metrics
+from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, require_complete,
+                             stage_dir, write_jsonl)
+from safecot.reports import load_results, write_comparison
+from safecot.suites import load_suite, suite_spec
+from safecot.templates import load_policies
+
+
+@dataclass
+class Config:
+    run_name: str = "tiny"              # outputs go to <runs_dir>/<run_name>/05_eval/
+    seed: int = 0                       # sampling and the bootstrap
+    runs_dir: str = "data/runs"
+    llm: LLMConfig = field(default_factory=LLMConfig)  # the base model, and every LLM judge unless overridden
+    models: list = field(default_factory=lambda: [{"label": "base"}])  # {label, llm: {overrides}, adapter: folder | from_run: <run>/03_sft}
+    suites: list = field(default_factory=lambda: ["harmful", "jailbreak", "xstest", "mmlu"])  # names or mappings (safecot/suites.py)
+    limit: int | None = None            # first N source rows of every suite
+    generation: dict = field(default_factory=lambda: {"temperature": 0.0})  # LLM overrides for every model under test
+    system_prompt: str = ""             # a system turn for the models under test ("" = none)
+    judges: dict = field(default_factory=lambda: {"safety": "detector", "refusal": "detector",
+                                                  "strongreject": "detector", "cot": "none"})  # per task: detector | llm | none | {LLM overrides}
+    judge: dict = field(default_factory=lambda: {"temperature": 0.0})  # LLM overrides for every LLM judge
+    policies: str = "data/policies/detailed.yaml"  # what the safety and CoT judges judge against
+    templates: str = "data/templates"   # judge_*.txt, grade_cot.txt, mmlu_question.txt
+    chunk_size: int = 64                # items generated or judged together and saved together
+    bootstrap_samples: int = 1000       # resamples per interval
+    confidence: float = 0.95            # interval coverage
+    compare: list = field(default_factory=list)  # other runs' 05_eval folders: only write the comparison
+
+
+GENERATION_KEYS = ("backend", "model", "adapter", "load_in_4bit", "dtype", "temperature", "top_p", "max_new_tokens", "base_url")
+
+
+def base_model_of(manifest: dict) -> str | None:
+    """The base model an adapter was trained on, as stage 3/4 manifests record it."""
+    cfg = manifest.get("config") or {}
+    for value in (manifest.get("base_model"), cfg.get("base_model"), cfg.get("model"), (cfg.get("llm") or {}).get("model")):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def resolve_models(cfg: Config) -> dict[str, LLMConfig]:
+    """{label: LLMConfig} of the models under test, adapters checked before anything loads."""
+    out = {}
+    for entry in cfg.models:
+        entry = {"label": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or set(entry) - {"label", "llm", "adapter", "from_run"}:
+            raise InputError(f"eval.models: expected {{label, llm, adapter | from_run}}, got {entry!r}")
+        label = str(entry.get("label") or "")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", label) or label in out or label == "compare":
+            raise InputError(f"eval.models: label {label!r} must be unique, non-empty, letters/digits/._+- only")
+        llm = cfg.llm.merged(cfg.generation).merged(entry.get("llm"))
+        adapter = entry.get("adapter")
+        if entry.get("from_run"):
+            if adapter:
+                raise InputError(f"eval.models '{label}': give adapter or from_run, not both")
+            run, _, stage = str(entry["from_run"]).partition("/")
+            if stage not in ("03_sft", "04_dpo"):
+                raise InputError(f"eval.models '{label}': from_run must be <run>/03_sft or <run>/04_dpo, got {entry['from_run']!r}")
+            folder = Path(cfg.runs_dir) / run / stage
+            base = base_model_of(require_complete(folder, f"{stage} of run '{run}'"))
+            if base and "model" not in (entry.get("llm") or {}):
+                llm = llm.merged({"model": base})
+            adapter = folder / "adapter"
+        if adapter:
+            if not (Path(adapter) / "adapter_config.json").is_file():
+                raise InputError(f"eval.models '{label}': no LoRA adapter at {adapter} (adapter_config.json missing)")
+            llm = llm.merged({"adapter": str(adapter)})
+        out[label] = llm
+    if not out:
+        raise InputError("eval.models: no models to evaluate")
+    return out
+
+
+def check_model_folder(folder: Path, label: str, llm: LLMConfig, system_prompt: str) -> None:
+    """Cached generations belong to one model config; refuse to mix two under one label."""
+    spec = {**{k: v for k, v in asdict(llm).items() if k in GENERATION_KEYS}, "system_prompt": system_prompt}
+    path = folder / "model.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in spec if spec[k] != old.get(k))
+        if changed:
+            raise InputError(f"{folder}: generations of '{label}' were made with another config ({', '.join(changed)}); "
+                             "use --overwrite or another label")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=2))
+
+
+def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: Config, counts: dict) -> dict:
+    """Generations cached by suite/id: only what is not on disk is generated, in batched chunks."""
+    writer = RecordWriter(folder / "generations.jsonl")
+    todo = [it for it in items if f"{it['suite']}/{it['id']}" not in writer.done]
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    if todo:
+        agent, bar = Agent(f"model_{label}", llm), tqdm(total=len(todo), desc=f"05_eval {label}: generate", unit="item")
+        with writer:
+            for chunk in batched(todo, cfg.chunk_size):
+                for it, gen in zip(chunk, agent([system + [{"role": "user", "content": it["prompt"]}] for it in chunk])):
+                    if gen.error:  # left for the next run
+                        counts["generation_errors"] += 1
+                        continue
+                    reasoning, answer = split_reasoning(gen.text)
+                    writer.write({"id": f"{it['suite']}/{it['id']}", "model": label, "suite": it["suite"], "item": it["id"],
+                                  "text": gen.text, "reasoning": reasoning, "answer": answer, "tokens": gen.tokens})
+                    counts["generated"] += 1
+                bar.update(len(chunk))
+        bar.close()
+    else:
+        writer.close()
+    return writer.done
+
+
+def judge_all(judge, items: list[dict], folder: Path, cfg: Config, counts: dict) -> dict:
+    """Judgements cached per (task, judge): a new judge judges everything, an old one nothing."""
+    writer = RecordWriter(folder / "judgements" / f"{judge.task}--{judge_slug(judge.name)}.jsonl")
+    todo = [it for it in items if it["key"] not in writer.done]
+    with writer:
+        for chunk in tqdm(list(batched(todo, cfg.chunk_size)), desc=f"  judge {judge.task}", leave=False, disable=not todo):
+            for it, verdict in zip(chunk, judge(chunk)):
+                if verdict.get("error"):
+                    counts["judge_errors"] += 1
+                    continue
+                writer.write({"id": it["key"], "task": judge.task, **verdict})
+                counts["judged"] += 1
+    return writer.done
+
+
+def compare_runs(cfg: Config, out: Path) -> Path:
+    """Merge the models of several runs' results.json into one table (labels clash: run:label)."""
+    results, info = {}, {}
+    for folder in cfg.compare:
+        data = load_results(folder)
+        for label, metrics in data["models"].items():
+            key = label if label not in results else f"{data['run_name']}:{label}"
+            results[key], info[key] = metrics, data["model_info"][label]
+    (out / "compare").mkdir(exist_ok=True)
+    manifest = Manifest(out / "compare", "05_eval", asdict(cfg), resume_ignores=tuple(asdict(cfg)))
+    report = write_comparison(results, out / "compare", info, title=f"Comparison of {', '.join(map(str, cfg.compare))}")
+    manifest.finish(models=len(results))
+    print(f"report: {report}")
+    return out / "compare"
+
+
+def main(cfg: Config, overwrite: bool = False) -> Path:
+    out = prepare_stage(stage_dir(cfg, "05_eval"), overwrite)
+    if cfg.compare:
+        return compare_runs(cfg, out)
+    models = resolve_models(cfg)
+    check_judges(cfg.judges)
+    items = [it for entry in cfg.suites for it in load_suite(suite_spec(entry), cfg.limit, cfg.templates)]
+    suites = list(dict.fromkeys(it["suite"] for it in items))
+    if len(suites) != len(cfg.suites):
+        raise InputError("eval.suites: a suite is listed twice")
+    for it in items:
+        it["key"] = f"{it['suite']}/{it['id']}"
+    policy_set = load_policies(cfg.policies)
+    manifest = Manifest(out, "05_eval", asdict(cfg), resume_ignores=(
+        "llm", "models", "suites", "limit", "generation", "judges", "judge", "chunk_size", "bootstrap_samples", "confidence"))
+    manifest.input("policies", cfg.policies, len(policy_set.policies))
+    counts = {"generated": 0, "generation_errors": 0, "judged": 0, "judge_errors": 0}
+    import transformers
+    transformers.set_seed(cfg.seed)
+
+    generations = {}
+    for label, llm in models.items():
+        check_model_folder(out / label, label, llm, cfg.system_prompt)
+        generations[label] = generate(label, llm, items, out / label, cfg, counts)
+        release_backends()  # one model in memory at a time
+        gc.collect()
+
+    judges = {t: make_judge(t, cfg.judges.get(t), cfg.llm.merged(cfg.judge), policy_set.text(), cfg.templates) for t in TASKS}
+    judges["choice"] = ChoiceJudge()
+    samples, results = [], {}
+    for label in models:
+        done = [{**it, **generations[label][it["key"]]} for it in items if it["key"] in generations[label]]
+        verdicts = {}
+        for task, judge in judges.items():
+            wanted = [it for it in done if task in TASKS_BY_KIND[it["kind"]] or (task == "cot" and it["kind"] != "utility")]
+            if judge and wanted:
+                wanted = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in wanted]
+                verdicts[task] = judge_all(judge, wanted, out / label, cfg, counts)
+        rows = [{**{k: v for k, v in it.items() if k != "key"}, "model": label,
+                 "judgements": {t: {k: x for k, x in v[it["key"]].items() if k not in ("id", "task")}
+                                for t, v in verdicts.items() if it["key"] in v}} for it in done]
+        samples += rows
+        results[label] = compute_metrics(rows, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+
+    write_jsonl(out / "samples.jsonl", samples)
+    info = {label: {"model": llm.model, "adapter": llm.adapter, "backend": llm.backend} for label, llm in models.items()}
+    judge_names = {t: (j.name if j else None) for t, j in judges.items()}
+    (out / "results.json").write_text(json.dumps(
+        {"run_name": cfg.run_name, "models": results, "model_info": info, "judges": judge_names,
+         "suites": suites, "config": asdict(cfg)}, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    report = write_comparison(results, out, info, title=f"Stage 5 evaluation: run {cfg.run_name}")
+    for name in ("samples", "results", "table", "report"):
+        path = out / {"samples": "samples.jsonl", "results": "results.json", "table": "table.csv", "report": "report.md"}[name]
+        manifest.output(name, path)
+    missing = sum(1 for label in models for it in items if it["key"] not in generations[label])
+    manifest.finish(models=len(models), items=len(items), missing_generations=missing, judges=judge_names, this_session=counts)
+    if missing:
+        manifest.data["status"] = "partial"
+        manifest.save()
+        print(f"warning: {missing} generations failed on the backend; rerun the same command to retry them")
+    print(f"report: {report}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli("eval", Config, main, __doc__)

@@ -1,0 +1,281 @@
+"""Stage 1 batched vs. one prompt at a time, on the same model and the same prompts.
+
+    python benchmarks/bench_generate.py --model tiny --prompts 64
+    python benchmarks/bench_generate.py --model random-30m --prompts 16 --out /tmp/bench.json
+
+Both arms run the real stage (`main` of 01_generate.py) on the recipe configs/tiny.yaml, with:
+
+- batched: generate.chunk_size = llm.batch_size = N, so every step (intents, initial CoT, each
+  deliberation turn) is one backend call serving all N prompts: 2 + n_agents x max_rounds calls;
+- one at a time: generate.chunk_size = llm.batch_size = 1, so every backend call serves one
+  prompt: N x (2 + n_agents x max_rounds) calls.
+
+Same model, prompts (the first N of data/prompts/seed.jsonl), policies, templates, seed,
+n_agents=3, max_rounds=1, max_new_tokens=32, sampling temperature, no 4-bit (--4bit to use it).
+The model is loaded and warmed up before the clock starts, so the figures time generation and
+orchestration, not loading.
+
+Equal work: a random model stops at its end-of-turn token at random, and a batched micro-batch
+runs until its longest member stops, so the arms would not generate the same number of tokens.
+Unless --free-length is given, the benchmark sets `min_new_tokens = max_new_tokens` on the loaded
+model's generation config (a transformers setting, no change to safecot): every generation is
+then exactly max_new_tokens tokens long in both arms. Tokens/s is reported either way.
+
+Models: `tiny` is the project's offline tiny model (safecot/tiny.py). `random-30m` is a random
+Llama of about 30M parameters built here, into a temporary folder, on the tiny model's tokenizer,
+and loaded by path by the hf backend like any local model.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # the stage's progress bar; the figures are printed at the end
+sys.path.insert(0, str(ROOT))
+
+# The random ~30M model: Llama blocks on the tiny model's tokenizer (vocabulary of ~2k tokens, so
+# almost all parameters are in the blocks, not the embeddings).
+RANDOM_30M = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=8)
+
+
+def load_stage():
+    spec = importlib.util.spec_from_file_location("bench_stage_01_generate", ROOT / "01_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_random_30m(out: Path, seed: int) -> tuple[Path, int]:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from safecot.tiny import ensure_tiny
+
+    tok = AutoTokenizer.from_pretrained(ensure_tiny())
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=8192, tie_word_embeddings=False,
+                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **RANDOM_30M)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, sum(p.numel() for p in model.parameters())
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds every process on the machine has spent busy so far (Linux /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    cpu = platform.processor() or ""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def make_config(stage, args, model: str, run_name: str, runs_dir: Path, n: int, chunk: int, batch: int):
+    from safecot.config import load_recipe, section_config
+    overrides = [
+        f"run_name={run_name}", f"runs_dir={runs_dir}", f"seed={args.seed}",
+        f"llm.model={model}", f"llm.load_in_4bit={str(args.load_in_4bit).lower()}",
+        f"llm.max_new_tokens={args.max_new_tokens}", f"llm.batch_size={batch}",
+        f"generate.limit={n}", f"generate.chunk_size={chunk}",
+        f"generate.n_agents={args.n_agents}", f"generate.max_rounds={args.max_rounds}",
+        "generate.intent={}",  # every role on the same LLM settings (tiny.yaml lowers the intent temperature)
+    ]
+    return section_config(load_recipe(ROOT / args.config, overrides), "generate", stage.Config)
+
+
+def prime_backend(cfg, fixed_length: bool):
+    """Load the backend the stage's agents will share (safecot.backends caches it by model), and
+    make every generation exactly max_new_tokens long if asked."""
+    from safecot.backends import get_backend, release_backends
+    release_backends()
+    backend = get_backend(cfg.llm)
+    if fixed_length and hasattr(backend, "model"):
+        backend.model.generation_config.min_new_tokens = cfg.llm.max_new_tokens
+    return backend
+
+
+def run_arm(stage, args, model: str, arm: str, n: int, runs_dir: Path) -> dict:
+    chunk = n if arm == "batched" else 1
+    batch = min(args.batch_size or n, n) if arm == "batched" else 1
+    cfg = make_config(stage, args, model, f"{arm}-{n}", runs_dir, n, chunk, batch)
+    busy0 = busy_cpu_s()
+    backend = prime_backend(cfg, not args.free_length)
+    calls0 = backend.calls
+    t0, c0 = time.perf_counter(), time.process_time()
+    with _cwd(ROOT):
+        out = stage.main(cfg, overwrite=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    busy1 = busy_cpu_s()
+    # CPU seconds other processes used meanwhile: on a shared machine, a timing with much of
+    # that is suspect (the benchmark repeats arms and keeps the fastest run for this reason).
+    others = max(0.0, busy1 - busy0 - cpu) if busy0 is not None and busy1 is not None else None
+    manifest = json.loads((out / "manifest.json").read_text())
+    session = manifest["counts"]["this_session"]
+    calls = backend.calls - calls0
+    assert calls == session["backend_calls"], (calls, session["backend_calls"])
+    return {
+        "arm": arm, "prompts": n, "chunk_size": cfg.chunk_size, "batch_size": cfg.llm.batch_size,
+        "wall_s": wall, "s_per_prompt": wall / n, "cpu_s": cpu, "backend_calls": calls, "calls_per_prompt": calls / n,
+        "generated_tokens": session["generated_tokens"], "tokens_per_s": session["generated_tokens"] / wall,
+        "step_s": manifest["timings"]["step_s"], "records": manifest["counts"]["records"],
+        "stop_reasons": manifest["counts"]["stop_reasons"], "backend_errors": session["backend_errors"],
+        "other_cpu_s": others,
+    }
+
+
+class _cwd:
+    """The recipe names its prompts, policies and templates relative to the repository root."""
+
+    def __init__(self, path):
+        self.path, self.old = path, None
+
+    def __enter__(self):
+        self.old = os.getcwd()
+        os.chdir(self.path)
+
+    def __exit__(self, *exc):
+        os.chdir(self.old)
+
+
+def table(model_label: str, params: int, rows: list[dict]) -> str:
+    lines = ["| model | params | arm | prompts | chunk / batch | wall (s) | s / prompt | backend calls | calls / prompt | generated tokens | tokens / s |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {model_label} | {params / 1e6:.2f}M | {r['arm']} | {r['prompts']} | {r['chunk_size']} / {r['batch_size']} "
+                     f"| {r['wall_s']:.1f} | {r['s_per_prompt']:.3f} | {r['backend_calls']} | {r['calls_per_prompt']:.3g} "
+                     f"| {r['generated_tokens']} | {r['tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "random-30m"), default="tiny")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts for the batched arm (first N of the seed set)")
+    parser.add_argument("--serial-prompts", type=int, default=None,
+                        help="prompts for the one-at-a-time arm (default: --prompts); the ratio is per prompt")
+    parser.add_argument("--arms", default="batched,serial", help="comma-separated: batched, serial")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batched arm's llm.batch_size (default: = --prompts, one generate() per step)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--n-agents", type=int, default=3)
+    parser.add_argument("--max-rounds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="nf4 4-bit weights (bitsandbytes)")
+    parser.add_argument("--free-length", action="store_true",
+                        help="let generations stop at end-of-turn (default: exactly max_new_tokens each)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each arm this many times, interleaved, and report the fastest run")
+    parser.add_argument("--config", default="configs/tiny.yaml", help="recipe the stage settings come from")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if set(arms) - {"batched", "serial"}:
+        parser.error("--arms takes batched and/or serial")
+
+    import transformers
+    transformers.logging.set_verbosity_error()
+    stage = load_stage()
+    work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    try:
+        if args.model == "tiny":
+            from safecot.tiny import ensure_tiny
+            model, path = "tiny", ensure_tiny()
+            params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(path).parameters())
+        else:
+            path, params = build_random_30m(work / "random-30m", args.seed)
+            model = str(path)
+        info = machine()
+        print(f"model {args.model}: {params:,} parameters ({path})")
+        print(f"machine: {info['cpu']}, {info['nproc']} CPUs, torch {info['torch']} with {info['torch_threads']} threads"
+              + (f", GPU {info['gpu']}" if info["gpu"] else "") + f"; {info['date']}")
+
+        # Warm-up: one prompt through every step, untimed (first-call costs: kernels, allocator).
+        warm = run_arm(stage, args, model, "batched", 1, work / "runs")
+        print(f"warm-up: 1 prompt in {warm['wall_s']:.1f} s")
+
+        runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+        for rep in range(1, args.repeats + 1):  # arms interleaved, so a burst of other load hits both
+            for arm in arms:
+                n = args.prompts if arm == "batched" else (args.serial_prompts or args.prompts)
+                print(f"run {rep}/{args.repeats}, {arm}: {n} prompts ...", flush=True)
+                r = run_arm(stage, args, model, arm, n, work / "runs")
+                runs[arm].append(r)
+                other = "" if r["other_cpu_s"] is None else f", other processes {r['other_cpu_s']:.1f} CPU s"
+                print(f"  {r['wall_s']:.1f} s, {r['backend_calls']} backend calls, {r['generated_tokens']} tokens, "
+                      f"{r['cpu_s']:.1f} CPU s{other}, steps {r['step_s']}", flush=True)
+                if r["other_cpu_s"] and r["other_cpu_s"] > 0.05 * r["wall_s"]:
+                    print("  warning: other processes used the CPUs during this run; its timing is suspect")
+        # The fastest run of each arm: other load only ever slows a run down.
+        rows = []
+        for arm in arms:
+            best = dict(min(runs[arm], key=lambda r: r["wall_s"]))
+            best["wall_all_s"] = [round(r["wall_s"], 2) for r in runs[arm]]
+            best["other_cpu_all_s"] = [None if r["other_cpu_s"] is None else round(r["other_cpu_s"], 1) for r in runs[arm]]
+            rows.append(best)
+
+        by = {r["arm"]: r for r in rows}
+        speedup = None
+        if "batched" in by and "serial" in by:
+            speedup = by["serial"]["s_per_prompt"] / by["batched"]["s_per_prompt"]
+        label = args.model + (" (4-bit)" if args.load_in_4bit else "")
+        print()
+        print(table(label, params, rows))
+        if speedup is not None:
+            same = by["serial"]["prompts"] == by["batched"]["prompts"]
+            cpu_ratio = (by["serial"]["cpu_s"] / by["serial"]["prompts"]) / (by["batched"]["cpu_s"] / by["batched"]["prompts"])
+            print(f"\nbatched vs one-at-a-time: {speedup:.2f}x faster per prompt in wall time ({cpu_ratio:.2f}x in CPU time)"
+                  + ("" if same else f" (serial arm on {by['serial']['prompts']} prompts, batched on {by['batched']['prompts']})")
+                  + f"; goal >= 5x: {'met' if speedup >= 5 else 'NOT met'}")
+        result = {"model": args.model, "params": params, "settings": {
+                      k: v for k, v in vars(args).items() if k not in ("out",)},
+                  "fixed_length": not args.free_length, "machine": info, "arms": rows, "speedup_per_prompt": speedup,
+                  "command": " ".join([Path(sys.executable).name, *sys.argv])}
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+            print(f"results: {args.out}")
+        return result
+    finally:
+        from safecot.backends import release_backends
+        release_backends()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

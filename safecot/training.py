@@ -1,0 +1,229 @@
+"""QLoRA training machinery shared by stages 3 (SFT) and 4 (DPO / GRPO): the LoRA settings, the
+4-bit base plus adapter, CPU/GPU trainer defaults, chat tokenisation with an assistant-only loss
+mask for any chat template, the truncation check, the metrics log, resume from the last
+checkpoint, and saving the adapter.
+
+Assistant-only loss for any chat template: rather than rely on `{% generation %}` markers (most
+real templates, Mistral's among them, have none), the assistant's characters are found by
+rendering the conversation with the model's own template up to each assistant turn
+(`add_generation_prompt=True`) and up to the end of that turn; everything in between (its
+content and end-of-turn token, trailing whitespace excepted) is learnt, the rest is masked.
+A template that does not render conversations prefix by prefix is refused with a clear error;
+`chat_template` (a jinja file) replaces it for training.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .records import InputError
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16                         # adapter rank (QLoRA used 64; 16 is the common 7B default)
+    alpha: int = 32                     # scaling numerator: updates are scaled by alpha / r
+    dropout: float = 0.05
+    target_modules: str | list = "all-linear"  # every linear layer but the LM head, as in QLoRA
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+def on_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def load_base(model: str, load_in_4bit: bool = True, dtype: str = "auto", gradient_checkpointing: bool = False):
+    """The frozen base: nf4 double-quantised weights when `load_in_4bit`, made ready for k-bit
+    training (norms in fp32, input grads for checkpointing). The AVX512-BF16 guard is set by
+    load_model on every Linear4bit and stays set for the life of the model."""
+    from peft import prepare_model_for_kbit_training
+    from .models import load_model
+    base = load_model(model, load_in_4bit=load_in_4bit, dtype=dtype)
+    if load_in_4bit:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+    base.config.use_cache = False
+    return base
+
+
+def add_lora(base, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(base, config)
+
+
+def load_adapter(base, adapter: str | Path, trainable: bool = True):
+    """A saved adapter on `base` under peft's name "default"."""
+    from peft import PeftModel
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise InputError(f"{adapter}: no LoRA adapter here (adapter_config.json missing)")
+    return PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
+
+
+def trainer_defaults(gradient_checkpointing: bool) -> dict:
+    """Settings that depend on the hardware: bf16 and a paged 8-bit optimiser on a GPU; fp32
+    and plain AdamW on a CPU (trl's configs default to bf16, which a CPU run must turn off)."""
+    gpu = on_gpu()
+    import torch
+    bf16 = gpu and torch.cuda.is_bf16_supported()
+    return {
+        "use_cpu": not gpu, "bf16": bf16, "fp16": gpu and not bf16,
+        "optim": "paged_adamw_8bit" if gpu else "adamw_torch",
+        "activation_checkpointing": gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
+        "report_to": "none", "save_total_limit": 2, "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0, "ddp_find_unused_parameters": False if gpu else None,
+    }
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated, or on a CPU the process's peak resident memory."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+    return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def open_stage(cfg, stage: str, overwrite: bool, config: dict, resume_ignores: tuple = ()):
+    """The stage folder and its manifest. Under `accelerate launch` only the main process clears
+    the folder (--overwrite) and writes the manifest; the others wait for it, then get None."""
+    from accelerate import PartialState
+    from .records import Manifest, prepare_stage, stage_dir
+    with PartialState().main_process_first():
+        out = prepare_stage(stage_dir(cfg, stage), overwrite and is_main_process())
+        manifest = Manifest(out, stage, config, resume_ignores) if is_main_process() else None
+    return out, manifest
+
+
+def save_adapter(model, tokenizer, out: Path) -> Path:
+    """Only the trained adapter ("default"), not trl's frozen "ref" copy, plus the tokenizer with
+    the model's own (inference) chat template."""
+    model.save_pretrained(str(out), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+def metrics_logger(path: Path):
+    """A TrainerCallback appending one JSON line per logging step: the trainer's logs (loss, lr,
+    DPO rewards/margins, GRPO rewards...) plus tokens/s since the previous line and peak memory.
+    It also asks for a checkpoint at the last step, so a rerun resumes rather than restarts."""
+    from transformers import TrainerCallback
+
+    class MetricsLogger(TrainerCallback):
+        def __init__(self):
+            self.t, self.tokens = time.perf_counter(), None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            now, seen = time.perf_counter(), state.num_input_tokens_seen or 0
+            row = {"step": state.global_step, "epoch": state.epoch, **logs}
+            if self.tokens is not None and now > self.t and seen > self.tokens:
+                row["tokens_per_s"] = round((seen - self.tokens) / (now - self.t), 1)
+            row["tokens_seen"] = seen
+            row["peak_mem_gib"] = round(peak_memory_gib(), 3)
+            row["time"] = round(time.time(), 3)
+            self.t, self.tokens = now, seen
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, default=float) + "\n")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_save = True
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t, self.tokens = time.perf_counter(), state.num_input_tokens_seen or 0
+
+    return MetricsLogger()
+
+
+# ---- chats -> tokens with an assistant-only mask ---------------------------------------------
+
+def render(tokenizer, messages: list[dict], chat_template: str | None = None, **kw) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template, **kw)
+
+
+def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None = None) -> tuple[str, list]:
+    """The rendered conversation and the (start, end) characters of every assistant turn."""
+    text = render(tokenizer, messages, chat_template)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], chat_template, add_generation_prompt=True)
+        upto = render(tokenizer, messages[:i + 1], chat_template)
+        if not text.startswith(before) or not text.startswith(upto) or not upto.startswith(before):
+            raise InputError("the chat template does not render conversations prefix by prefix, so the "
+                             "assistant turns cannot be located; give a training template with chat_template=<file.jinja>")
+        spans.append((len(before), len(upto.rstrip())))
+    return text, spans
+
+
+def tokenize_chat(tokenizer, messages: list[dict], chat_template: str | None = None) -> dict:
+    """input_ids and assistant_masks (1 = a token the assistant wrote, end-of-turn included)."""
+    text, spans = assistant_spans(tokenizer, messages, chat_template)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a <= s < b for a, b in spans) and e > s) for s, e in enc["offset_mapping"]]
+    return {"input_ids": enc["input_ids"], "assistant_masks": mask}
+
+
+def tokenize_sft(tokenizer, rows: list[dict], max_length: int | None, chat_template: str | None = None,
+                 where: str = "dataset") -> tuple[list[dict], dict]:
+    """Tokenised rows for trl's SFTTrainer and counts; refuses a max_length that truncates every
+    example, and drops examples whose assistant tokens would all be cut."""
+    out, lengths, dropped = [], [], 0
+    for row in rows:
+        enc = tokenize_chat(tokenizer, row["messages"], chat_template)
+        lengths.append(len(enc["input_ids"]))
+        if max_length and len(enc["input_ids"]) > max_length:
+            enc = {k: v[:max_length] for k, v in enc.items()}
+            if not any(enc["assistant_masks"]):
+                dropped += 1
+                continue
+        out.append({"id": row["id"], **enc})
+    truncated = sum(n > max_length for n in lengths) if max_length else 0
+    check_truncation(lengths, truncated, max_length, where)
+    if truncated:
+        print(f"warning: max_length={max_length} truncates {truncated} of {len(rows)} examples "
+              f"({dropped} dropped: no assistant token left)")
+    return out, {"examples": len(rows), "truncated": truncated, "dropped_no_assistant_tokens": dropped,
+                 "max_tokens": max(lengths, default=0)}
+
+
+def check_truncation(lengths: list[int], truncated: int, max_length: int | None, where: str) -> None:
+    if lengths and truncated == len(lengths):
+        raise InputError(f"{where}: max_length={max_length} truncates every example ({truncated} of {len(lengths)} "
+                         f"are longer; the shortest is {min(lengths)} tokens); raise max_length")
+
+
+def chat_template_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise InputError(f"{path}: chat template file not found")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def pair_lengths(tokenizer, rows: list[dict]) -> list[int]:
+    """Tokens of prompt plus the longer of chosen and rejected, per DPO pair."""
+    return [max(len(tokenizer.apply_chat_template(r["prompt"] + r[k], tokenize=True, return_dict=False))
+                for k in ("chosen", "rejected")) for r in rows]

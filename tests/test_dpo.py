@@ -1,0 +1,154 @@
+"""Stage 4 (04_dpo.py) on the tiny model: DPO widens the chosen-rejected margin against a reference
+that is really the frozen SFT adapter; GRPO samples, rewards and logs; resume; bad inputs; and
+both training scripts from the command line on the tiny recipe."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, make_config
+from safecot.records import InputError
+from training_fixtures import metrics, write_stage2
+
+SFT = ("sft.max_steps=6", "sft.batch_size=4", "sft.grad_accum=1", "sft.learning_rate=0.02", "sft.warmup=0",
+       "sft.logging_steps=1", "sft.lora={r: 8, alpha: 16, dropout: 0.0}")
+FAST = ("dpo.batch_size=4", "dpo.grad_accum=1", "dpo.learning_rate=0.01", "dpo.warmup=0", "dpo.logging_steps=1")
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """Stage 2 written by hand and a short stage-3 run: the starting point of every test here."""
+    runs = tmp_path_factory.mktemp("runs")
+    write_stage2(runs)
+    module, cfg = make_config("03_sft", "sft", runs, *SFT)
+    module.main(cfg)
+    return runs
+
+
+def logps(model, tok, rows, adapter=None):
+    """Summed log-probabilities of each chosen answer given its prompt."""
+    import contextlib
+    import torch
+    from trl.trainer.utils import use_adapter
+    out = []
+    ctx = use_adapter(model, adapter_name=adapter) if adapter else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        for r in rows:
+            prompt = tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+            full = tok.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False)
+            ids = tok(full, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+            logits = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            out.append(logits[n - 1:].gather(1, ids[0, n:, None]).sum().item())
+    return out
+
+
+def test_reference_is_the_frozen_sft_adapter(sft_run, tmp_path):
+    import torch
+    from safecot.models import load_model
+    module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.max_steps=3")
+    start = module.starting_point(cfg)
+    _, rows = module.load_pairs(cfg)
+    trainer = module.build_trainer(cfg, tmp_path, start, rows[:4], {})
+    model, tok = trainer.model, trainer.processing_class
+    sft_model = load_model(start["base"], load_in_4bit=True, adapter=start["adapter"]).eval()
+    sft = logps(sft_model, tok, rows[:4])
+    with model.disable_adapter():
+        bare = logps(model.eval(), tok, rows[:4])
+    assert not torch.allclose(torch.tensor(bare), torch.tensor(sft), atol=1e-2)  # the SFT adapter matters
+    torch.testing.assert_close(torch.tensor(logps(model, tok, rows[:4], "ref")), torch.tensor(sft), atol=1e-3, rtol=0)
+
+    trainer.train()
+    model.eval()
+    torch.testing.assert_close(torch.tensor(logps(model, tok, rows[:4], "ref")), torch.tensor(sft), atol=1e-3, rtol=0)
+    assert not torch.allclose(torch.tensor(logps(model, tok, rows[:4])), torch.tensor(sft), atol=1e-2)  # the policy moved
+
+
+def test_dpo_widens_the_margin_and_resumes(sft_run):
+    module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.max_steps=2", "dpo.save_steps=2")
+    out = module.main(cfg)
+    module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.max_steps=8", "dpo.save_steps=2")
+    module.main(cfg)
+    rows = [m for m in metrics(out) if "rewards/margins" in m]
+    assert [m["step"] for m in rows] == list(range(1, 9))  # resumed at step 3, nothing done twice
+    assert abs(rows[0]["rewards/margins"]) < 1e-2  # the policy starts as the reference (4-bit kernels differ a little)
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"] + 0.05
+    assert rows[-1]["rewards/accuracies"] >= 0.5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["resumed_from"].endswith("checkpoint-2")
+    assert manifest["model"]["sft_adapter"] == str(sft_run / "tiny" / "03_sft" / "adapter")
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "adapter" / "ref").exists()
+
+
+def test_grpo_runs_and_logs_rewards(sft_run):
+    module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.method=grpo", "dpo.max_steps=2",
+                              "dpo.num_generations=4", "dpo.max_completion_length=8", "run_name=tiny")
+    cfg.runs_dir = str(sft_run)
+    out = module.main(cfg, overwrite=True)
+    rows = [m for m in metrics(out) if "reward" in m]
+    assert len(rows) == 2
+    for key in ("rewards/refusal_reward/mean", "rewards/format_reward/mean", "reward_std"):
+        assert all(key in m for m in rows), key
+    assert json.loads((out / "manifest.json").read_text())["counts"]["judge"] == "rules"
+
+
+def test_rule_based_rewards():
+    from conftest import load_script
+    module = load_script("04_dpo")
+    done = [[{"role": "assistant", "content": "<think>\nharmful\n</think>\n\nI cannot help with that."}],
+            [{"role": "assistant", "content": "Sure, here it is."}]]
+    assert module.refusal_reward(None, done, ["harmful", "harmful"]) == [1.0, -1.0]
+    assert module.refusal_reward(None, done, ["benign", "borderline"]) == [-1.0, 1.0]
+    assert module.format_reward(done) == [1.0, 0.0]
+
+
+def test_a_backend_judge_scores_the_answers(scripted, tmp_path):
+    from conftest import load_script
+    module = load_script("04_dpo")
+    scripted.script = lambda chat, model: "SCORE: 5" if "labelled harmful" in chat[-1]["content"] else "no idea"
+    stats = {}
+    judge = module.judge_reward({"backend": "scripted", "model": "judge"}, "data/templates", stats)
+    prompts = [[{"role": "user", "content": "q"}]] * 2
+    done = [[{"role": "assistant", "content": "a"}]] * 2
+    assert judge(prompts, done, ["harmful", "benign"]) == [1.0, 0.0] and stats["judge_unparsed"] == 1
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no_sft", "no stage 3"), ("empty", "no preference pairs"), ("too_short", "truncates every example \\(8 of 8"),
+    ("bad_method", "dpo.method must be"), ("group", "multiple of dpo.num_generations"),
+])
+def test_bad_inputs_raise_clear_errors(sft_run, tmp_path, case, match):
+    runs = sft_run
+    if case in ("no_sft", "empty"):
+        runs = tmp_path
+        out = write_stage2(tmp_path)
+        if case == "empty":
+            (out / "dpo.jsonl").write_text("")
+            sft = tmp_path / "tiny" / "03_sft"
+            sft.mkdir(parents=True)
+            (sft / "manifest.json").write_text(json.dumps({"status": "complete", "model": {
+                "base": "tiny", "adapter": str(sft_run / "tiny" / "03_sft" / "adapter")}}))
+    extra = {"too_short": ["dpo.max_length=8"], "bad_method": ["dpo.method=ppo"],
+             "group": ["dpo.method=grpo", "dpo.num_generations=3"]}.get(case, [])
+    module, cfg = make_config("04_dpo", "dpo", runs, *FAST, "dpo.max_steps=1", "run_name=tiny", *extra)
+    with pytest.raises(InputError, match=match):
+        module.main(cfg)
+
+
+def test_both_scripts_run_from_the_command_line(tmp_path):
+    write_stage2(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for script, extra in (("03_sft.py", "sft.max_steps=2"), ("04_dpo.py", "dpo.max_steps=2")):
+        r = subprocess.run([sys.executable, script, "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", extra],
+                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1].startswith("done: ")
+    for stage in ("03_sft", "04_dpo"):
+        assert json.loads((tmp_path / "tiny" / stage / "manifest.json").read_text())["status"] == "complete"
+    r = subprocess.run([sys.executable, "04_dpo.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path / 'none'}"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: ")
