@@ -1,13 +1,13 @@
-# The README's two commands: `make demo` and `make test`. Both (re)build .venv from
+# The README's two commands are `make demo` and `make test`. Both (re)build .venv from
 # requirements.txt first, so a fresh clone needs nothing else.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/tiny.yaml
-export HF_HUB_OFFLINE ?= 1
+STAGES := 01_generate 02_refine 03_sft 04_dpo 05_eval
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test venv clean-runs
+.PHONY: demo test reproduce venv clean-runs
 
 venv: $(VENV)/.installed
 
@@ -17,13 +17,20 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# The whole workflow on the offline tiny recipe; each stage resumes or skips finished work.
+# The tiny recipe and the tests never touch the Hub.
+demo test: export HF_HUB_OFFLINE = 1
+
+# All five stages on the offline tiny recipe (a few minutes on a laptop CPU). Rerunning resumes.
 demo: venv
-	$(PY) 01_generate.py --config $(CONFIG)
-	$(PY) 02_refine.py --config $(CONFIG)
-	$(PY) 03_sft.py --config $(CONFIG)
-	$(PY) 04_dpo.py --config $(CONFIG)
-	$(PY) 05_eval.py --config $(CONFIG)
+	@for s in $(STAGES); do echo "== $$s"; $(PY) $$s.py --config $(CONFIG) || exit 1; done
+	@echo "Outputs:  data/runs/tiny/  (one folder per stage, each with manifest.json)"
+	@echo "Report:   data/runs/tiny/05_eval/report.md"
+	@echo "Figures:  data/runs/tiny/05_eval/intervals.png, and notebooks/*.ipynb draw every stage"
+
+# A real recipe on one GPU, stage by stage; stages whose manifest says complete are skipped,
+# an interrupted one resumes. e.g. make reproduce CONFIG=configs/qwen2.5-7b.yaml
+reproduce: venv
+	@for s in $(STAGES); do echo "== $$s"; $(PY) $$s.py --config $(CONFIG) --skip-complete || exit 1; done
 
 test: venv
 	$(PY) -m pytest -q tests

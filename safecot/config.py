@@ -117,25 +117,41 @@ def to_dict(cfg) -> dict:
 
 
 def parse_args(section: str, cls: type, doc: str | None = None, argv: list[str] | None = None):
-    """The command line every stage shares: --config RECIPE [--overwrite] [key=value ...]."""
+    """The command line every stage shares: --config RECIPE [--overwrite | --skip-complete] [key=value ...]."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a recipe in configs/, e.g. configs/tiny.yaml")
     parser.add_argument("--overwrite", action="store_true", help="delete this stage's outputs and start over")
+    parser.add_argument("--skip-complete", action="store_true",
+                        help="do nothing if this stage's manifest says complete (make reproduce uses it)")
     parser.add_argument("overrides", nargs="*", help="key=value or section.key=value")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.config, args.overrides)
-    return section_config(recipe, section, cls), args.overwrite
+    return section_config(recipe, section, cls), args
 
 
 def run_cli(section: str, cls: type, main, doc: str | None = None) -> None:
     """Parse, run `main(cfg, overwrite=...)`, and turn known failures into one clear line."""
-    from .records import InputError
+    from .backends import BackendError
+    from .records import InputError, stage_dir
 
     try:
-        cfg, overwrite = parse_args(section, cls, doc)
-        out = main(cfg, overwrite=overwrite)
-    except (ConfigError, InputError) as e:
+        cfg, args = parse_args(section, cls, doc)
+        out = stage_dir(cfg, STAGE_OF[section])
+        if args.skip_complete and not args.overwrite and is_complete(out):
+            print(f"skip: {out} is complete")
+            return
+        out = main(cfg, overwrite=args.overwrite)
+    except (ConfigError, InputError, BackendError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: finished records are saved; rerun the same command to continue")
     print(f"done: {out}")
+
+
+STAGE_OF = {"generate": "01_generate", "refine": "02_refine", "sft": "03_sft", "dpo": "04_dpo", "eval": "05_eval"}
+
+
+def is_complete(stage_out: Path) -> bool:
+    import json
+    path = Path(stage_out) / "manifest.json"
+    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"

@@ -229,4 +229,9 @@ def test_command_line_runs_the_stage(tmp_path):
                            "run_name=cli", "generate.limit=2", "generate.max_rounds=1", "llm.max_new_tokens=4"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert len(records(tmp_path / "cli" / "01_generate")) == 2
+    out = tmp_path / "cli" / "01_generate"
+    assert len(records(out)) == 2
+    before = (out / "manifest.json").read_text()
+    again = subprocess.run(proc.args + ["--skip-complete"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.startswith("skip: ")  # make reproduce skips finished stages
+    assert (out / "manifest.json").read_text() == before
