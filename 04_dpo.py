@@ -32,12 +32,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safecot.config import run_cli
+from safecot.judges import detect_refusal, split_reasoning
 from safecot.records import InputError, numbered_rows, require_complete, stage_dir
 from safecot import training
 
-REFUSAL = re.compile(r"\b(I can(?:no|')t|I cannot|I won't|I will not|I'm (?:not able|unable)|I am (?:not able|unable)|"
-                     r"I must decline|I'm sorry|I am sorry|as an AI|cannot (?:help|assist|provide)|not able to (?:help|assist))",
-                     re.I)
 THINK = re.compile(r"^\s*<think>\s*\S.*?</think>\s*\S", re.S)
 
 # Raising the step budget and rerunning carries on from the last checkpoint.
@@ -125,13 +123,14 @@ def text_of(completion) -> str:
 
 
 def answer_of(text: str) -> str:
-    return text.split("</think>", 1)[1] if "</think>" in text else text
+    return split_reasoning(text)[1]
 
 
 def refusal_reward(prompts, completions, label, **_) -> list[float]:
-    """Rule-based judge: refusing is right on harmful prompts and wrong on benign/borderline ones."""
-    return [(1.0 if refused else -1.0) * (1.0 if lab == "harmful" else -1.0)
-            for refused, lab in ((bool(REFUSAL.search(answer_of(text_of(c)))), lab) for c, lab in zip(completions, label))]
+    """Rule-based judge (stage 5's offline refusal detector): refusing, fully or partly, is right on
+    harmful prompts and wrong on benign/borderline ones."""
+    refused = [detect_refusal(answer_of(text_of(c)))["class"] != "full_compliance" for c in completions]
+    return [(1.0 if r else -1.0) * (1.0 if lab == "harmful" else -1.0) for r, lab in zip(refused, label)]
 
 
 def format_reward(completions, **_) -> list[float]:
