@@ -224,10 +224,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     import transformers
     transformers.set_seed(cfg.seed)
     trainer = build_trainer(cfg, out, start, rows, stats)
-    resume = training.last_checkpoint(out / "checkpoints")
-    if resume:
-        print(f"resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
+    result, resume = training.train_resuming(trainer, out / "checkpoints")
 
     if manifest:
         adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")

@@ -97,6 +97,14 @@ def last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
 
 
+def train_resuming(trainer, checkpoints: Path):
+    """Train, carrying on from the last checkpoint if an earlier run was interrupted."""
+    resume = last_checkpoint(checkpoints)
+    if resume:
+        print(f"resuming from {resume}")
+    return trainer.train(resume_from_checkpoint=resume), resume
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
