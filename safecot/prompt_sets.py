@@ -69,6 +69,9 @@ def load_prompts(source: str, split: str = "train", subset: str | None = None,
             raise InputError(f"{where}: duplicate id '{rec['id']}'")
         seen.add(rec["id"])
         rec["label"], rec["category"] = str(rec["label"]), str(rec["category"])
+        if rec["label"] not in LABELS + ("unknown",):
+            raise InputError(f"{where}: label '{rec['label']}' is not one of {', '.join(LABELS)} (or unknown); "
+                             "map it with prompt_columns or set prompt_defaults={label: ...}")
         out.append(rec)
         if limit and len(out) >= limit:
             break

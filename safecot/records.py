@@ -95,10 +95,25 @@ class RecordWriter:
         if good < len(data):
             with self.path.open("r+b") as f:
                 f.truncate(good)
-        for line in data[:good].decode("utf-8").splitlines():
+        for n, line in enumerate(data[:good].decode("utf-8", errors="replace").splitlines(), 1):
             if line.strip():
-                row = json.loads(line)
-                self.done[row["id"]] = row
+                try:
+                    row = json.loads(line)
+                    self.done[row["id"]] = row
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    # Only a torn last line is ours to cut; a bad whole line was edited by hand.
+                    raise InputError(f"{self.path}:{n}: not a record ({type(e).__name__}); "
+                                     "fix or delete the line, or use --overwrite") from None
+
+    def check_inputs(self, inputs: list[dict], fields: tuple[str, ...]) -> None:
+        """Finished records must still match the input rows they were made from (same id, same
+        `fields`): an earlier stage rerun with --overwrite, or an edited prompt file, would
+        otherwise mix two experiments in one file."""
+        changed = [r["id"] for r in inputs if r["id"] in self.done
+                   and any(self.done[r["id"]].get(f) != r.get(f) for f in fields)]
+        if changed:
+            raise InputError(f"{self.path}: {len(changed)} finished records (first: id {changed[0]}) no longer match "
+                             f"their input ({', '.join(fields)} changed); use --overwrite or another run_name")
 
     def write(self, record: dict) -> None:
         if record["id"] in self.done:
@@ -207,8 +222,10 @@ class Manifest:
         self._t0 = time.perf_counter()
         self.save()
 
-    def input(self, name: str, path: str | Path, rows: int | None = None) -> None:
-        self.data["inputs"][name] = {"path": str(path), "sha256": file_hash(path), "rows": rows}
+    def input(self, name: str, path: str | Path, rows: int | None = None, **info) -> None:
+        """A local file with its hash; a Hub dataset (`hf:<id>`) by id, split and row count."""
+        digest = None if str(path).startswith("hf:") else file_hash(path)
+        self.data["inputs"][name] = {"path": str(path), "sha256": digest, "rows": rows, **info}
 
     def output(self, name: str, path: Path) -> None:
         self.data["outputs"][name] = {"path": str(path), "sha256": file_hash(path), "rows": count_lines(path)}

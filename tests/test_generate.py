@@ -180,6 +180,23 @@ def test_resume_under_another_config_is_refused(tmp_path, scripted):
     assert (out / "records.jsonl").read_text() == before
 
 
+
+def test_resume_refuses_a_corrupt_line_and_changed_prompts(tmp_path, scripted):
+    prompts = tmp_path / "p.jsonl"
+    rows = [json.loads(x) for x in (ROOT / "data/prompts/seed.jsonl").read_text().splitlines()[:2]]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run(tmp_path, scripted, lambda chat, k: AGREE, f"generate.prompts={prompts}")
+    good = (out / "records.jsonl").read_text()
+    (out / "records.jsonl").write_text("not json\n" + good)  # a whole line edited by hand, not a torn tail
+    with pytest.raises(InputError, match=r"records.jsonl:1: not a record"):
+        run(tmp_path, scripted, lambda chat, k: AGREE, f"generate.prompts={prompts}")
+    (out / "records.jsonl").write_text(good)
+    rows[1]["prompt"] += " (edited)"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match=r"1 finished records \(first: id " + rows[1]["id"]):
+        run(tmp_path, scripted, lambda chat, k: AGREE, f"generate.prompts={prompts}")
+    assert (out / "records.jsonl").read_text() == good
+
 def test_failed_requests_are_left_for_the_next_run(tmp_path, scripted):
     from safecot.backends import Generation
 

@@ -79,6 +79,14 @@ def test_csv_prompts_with_mapping_and_generated_ids(tmp_path):
     assert load_prompts(str(p), columns={"prompt": "question"})[0]["id"] == rows[0]["id"]  # stable ids
 
 
+
+def test_a_label_outside_the_schema_names_file_and_line(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "hi", "label": "benign"}\n{"prompt": "yo", "label": "safe"}\n')
+    with pytest.raises(InputError, match=rf"{p}:2: label 'safe' is not one of harmful, benign, borderline"):
+        load_prompts(str(p))
+    assert load_prompts(str(p), columns={"label": "none"}, defaults={"label": "benign"})[1]["label"] == "benign"
+
 def test_hub_dataset_by_id_fails_clearly_offline():
     with pytest.raises(InputError, match="hf:nobody/nothing"):
         load_prompts("hf:nobody/nothing")
