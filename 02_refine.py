@@ -136,6 +136,16 @@ def drop_duplicates(records: list[dict], embedder, threshold: float | None) -> N
                 survivors.append(a)
 
 
+REMOVAL_REASONS = ("repetitive", "redundant", "deceptive", "policy_inconsistent")
+
+
+def removal_reason(text: str) -> str:
+    """The refiner's reason as one of the template's four names ("Policy-inconsistent, because..."
+    -> policy_inconsistent); anything else is kept as the refiner wrote it, in snake case."""
+    name = re.sub(r"[^a-z]+", "_", text.lower()).strip("_")
+    return next((r for r in REMOVAL_REASONS if name.startswith(r)), name or "removed_by_refiner")
+
+
 def refine(agent, tpl, records, policies) -> None:
     """The refiner keeps a subset of the surviving thoughts (by number) and writes the response."""
     chats = []
@@ -149,13 +159,15 @@ def refine(agent, tpl, records, policies) -> None:
         alive = [t for t in rec["thought_audit"] if t["kept"]]
         s = sections(gen.text, ["keep", "remove", "response"])
         keep = {int(n) for n in re.findall(r"\d+", s.get("keep", ""))}
-        reasons = {int(m[1]): m[2].lower() for m in (re.match(r"(\d+)\W+([a-z_ ]+)", x) for x in items(s.get("remove", ""))) if m}
-        if not keep or gen.error:  # unreadable: keep every surviving thought, the response stands
+        reasons = {int(m[1]): removal_reason(m[2]) for m in (re.match(r"(\d+)\W+(.+)", x) for x in items(s.get("remove", ""))) if m}
+        # "KEEP: none" with every thought listed under REMOVE is a verdict, not a parse failure.
+        drop_all = not keep and bool(alive) and set(reasons) >= set(range(1, len(alive) + 1))
+        if (not keep and not drop_all) or gen.error:  # unreadable: keep every surviving thought, the response stands
             rec["parse_failures"].append("refine")
             continue
         for n, t in enumerate(alive, 1):
             if n not in keep:
-                t.update(kept=False, reason=reasons.get(n, "removed_by_refiner").strip().replace(" ", "_"))
+                t.update(kept=False, reason=reasons.get(n, "removed_by_refiner"))
         rec["refined_response"] = s.get("response", "").strip() or rec["refined_response"]
 
 

@@ -73,6 +73,30 @@ def test_embedding_dedup_on_real_sentences():
     assert rec["thought_audit"][1]["reason"] == "near_duplicate of thought 1"
 
 
+
+class _Reply:
+    def __init__(self, text):
+        self.text, self.error = text, None
+
+
+@pytest.mark.parametrize("reply,kept,reasons", [
+    ("KEEP: 1, 3\nREMOVE:\n- 2: Policy-inconsistent (it refuses a benign request)\nRESPONSE:\nOK.",
+     [True, False, True], [None, "policy_inconsistent", None]),
+    ("**KEEP:** none\n**REMOVE:**\n- 1: repetitive\n- 2 - Redundant.\n* 3 (deceptive)\nRESPONSE:\nNo.",
+     [False, False, False], ["repetitive", "redundant", "deceptive"]),
+    ("KEEP: 2\nREMOVE:\n- 1: it is off topic\nRESPONSE:\nOK.", [False, True, False], ["it_is_off_topic", None, "removed_by_refiner"]),
+    ("KEEP: none\nREMOVE:\n- 1: redundant\nRESPONSE:\nNo.", [True, True, True], [None] * 3),  # 2, 3 unaccounted: unread
+])
+def test_refiner_reasons_are_read_leniently(reply, kept, reasons):
+    module = load_script("02_refine")
+    rec = {"prompt": "q", "response": "r", "refined_response": "r", "backend_errors": 0, "parse_failures": [],
+           "thought_audit": [{"thought": t, "kept": True, "reason": None} for t in ("a", "b", "c")]}
+    tpl = type("T", (), {"chat": staticmethod(lambda **kw: [{"role": "user", "content": "x"}])})
+    module.refine(lambda chats: [_Reply(reply)], tpl, [rec], "policies")
+    assert [t["kept"] for t in rec["thought_audit"]] == kept
+    assert [t["reason"] for t in rec["thought_audit"]] == reasons
+    assert ("refine" in rec["parse_failures"]) == (kept == [True] * 3)
+
 def test_refiner_grader_and_training_sets(tmp_path, scripted, stage1):
     out, rows, manifest = refine_run(tmp_path, "refine.dedup_threshold=0.9")
     rec = rows["records"][0]
