@@ -12,7 +12,7 @@ As in Kumarage et al. 2025 (arXiv 2505.21784), section 5, and Mou et al. 2025 (S
 Hyperparameters are not published; the recipe's values are common QLoRA defaults for 7B models.
 
     python 03_sft.py --config configs/tiny.yaml
-    python 03_sft.py --config configs/tiny.yaml sft.dataset=sft_og run_name=tiny-og
+    python 03_sft.py --config configs/tiny.yaml run_name=tiny-og sft.source_run=tiny sft.dataset=sft_og
     python 03_sft.py --config configs/qwen2.5-7b.yaml
     accelerate launch --num_processes 2 03_sft.py --config configs/qwen2.5-7b.yaml
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from safecot.backends import LLMConfig
 from safecot.config import run_cli
-from safecot.records import InputError, numbered_rows, require_complete, stage_dir
+from safecot.records import InputError, numbered_rows, require_complete
 from safecot import training
 
 DATASETS = {"sft": "sft.jsonl", "sft_og": "sft_og.jsonl"}
@@ -40,6 +40,7 @@ RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps")
 @dataclass
 class Config:
     run_name: str = "tiny"              # reads <runs_dir>/<run_name>/02_refine/, writes .../03_sft/
+    source_run: str | None = None       # read 02_refine/ of this run instead (SFT_OG beside SFT_DB)
     seed: int = 0
     runs_dir: str = "data/runs"
     llm: LLMConfig = field(default_factory=LLMConfig)  # the base model to train is llm.model ...
@@ -68,9 +69,15 @@ def base_model(cfg: Config) -> str:
     return cfg.model or cfg.llm.model
 
 
+def refine_dir(cfg: Config) -> Path:
+    """Stage 2 of this run, or of `source_run`: the SFT_OG baseline is trained in a run of its
+    own on the same stage-2 data as SFT_DB, so the paper's comparison needs one stage 1-2 only."""
+    return Path(cfg.runs_dir) / (cfg.source_run or cfg.run_name) / "02_refine"
+
+
 def load_examples(cfg: Config) -> tuple[Path, list[dict]]:
     """The stage-2 conversations, each checked to have a user turn and an assistant turn."""
-    prev = stage_dir(cfg, "02_refine")
+    prev = refine_dir(cfg)
     require_complete(prev, "stage 2 (02_refine)")
     if cfg.dataset not in DATASETS:
         raise InputError(f"sft.dataset must be one of {', '.join(DATASETS)}, got '{cfg.dataset}'")
@@ -97,7 +104,7 @@ def tokenize(cfg: Config, rows: list[dict]):
     tokenizer = load_tokenizer(base_model(cfg), padding_side="right")
     template = training.chat_template_file(cfg.chat_template)
     tokenised, counts = training.tokenize_sft(tokenizer, rows, cfg.max_length, template,
-                                              where=f"{stage_dir(cfg, '02_refine')}/{DATASETS[cfg.dataset]}")
+                                              where=f"{refine_dir(cfg)}/{DATASETS[cfg.dataset]}")
     return tokenizer, Dataset.from_list([{k: r[k] for k in ("input_ids", "assistant_masks")} for r in tokenised]), counts
 
 

@@ -160,8 +160,25 @@ def metrics_logger(path: Path):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t, self.tokens = time.perf_counter(), state.num_input_tokens_seen or 0
+            if state.is_world_process_zero and Path(path).exists():
+                # A kill after the last checkpoint logged steps that this session trains again:
+                # drop them, so the log stays one curve with each step once.
+                lines = Path(path).read_text(encoding="utf-8").splitlines()
+                kept = [x for x in lines if _logged_step(x) <= state.global_step]
+                if len(kept) < len(lines):
+                    tmp = Path(path).with_suffix(".tmp")
+                    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+                    os.replace(tmp, path)
 
     return MetricsLogger()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a torn or blank line (killed mid-write) counts as never logged."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return float("inf")
 
 
 # ---- chats -> tokens with an assistant-only mask ---------------------------------------------

@@ -25,6 +25,8 @@ def resumed_run(tmp_path_factory):
     module, cfg = make_config("03_sft", "sft", runs, *FAST, "sft.max_steps=3", "sft.save_steps=3")
     out = module.main(cfg)
     first = metrics(out)
+    with (out / "metrics.jsonl").open("a") as f:  # as if killed after logging steps past the checkpoint
+        f.write(json.dumps({"step": 4, "loss": 9.9}) + "\n" + '{"step": 5, "lo')
     module, cfg = make_config("03_sft", "sft", runs, *FAST, "sft.max_steps=12", "sft.save_steps=3")
     module.main(cfg)
     return out, first
@@ -170,3 +172,19 @@ def test_command_line_error_is_one_line(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "02_refine" in r.stderr
+
+
+def test_sft_og_baseline_trains_in_its_own_run_on_another_runs_stage2(tmp_path):
+    """The paper's SFT_OG column: run `og` trains on run `tiny`'s sft_og.jsonl (plain answers, no
+    <think>) without a stage 1-2 of its own, and writes only under its own folder."""
+    write_stage2(tmp_path)
+    module, cfg = make_config("03_sft", "sft", tmp_path, *FAST, "sft.max_steps=1", "run_name=og",
+                              "sft.source_run=tiny", "sft.dataset=sft_og")
+    path, rows = module.load_examples(cfg)
+    assert path == tmp_path / "tiny" / "02_refine" / "sft_og.jsonl"
+    assert not any("<think>" in m["content"] for r in rows for m in r["messages"])
+    out = module.main(cfg)
+    assert out == tmp_path / "og" / "03_sft" and (out / "adapter" / "adapter_config.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["source_run"] == "tiny" and manifest["inputs"]["sft_og"]["rows"] == 8
+    assert not (tmp_path / "tiny" / "03_sft").exists()
