@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from safecot.backends import Agent, LLMConfig, release_backends
 from safecot.config import run_cli
-from safecot.judges import TASKS, TASKS_BY_KIND, ChoiceJudge, check_judges, judge_slug, make_judge, split_reasoning
+from safecot.judges import TASKS, TASKS_BY_KIND, ChoiceJudge, check_judges, judge_file_name, make_judge, split_reasoning
 from safecot.metrics import compute_metrics
 from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, require_complete,
                              stage_dir, write_jsonl)
@@ -151,8 +151,9 @@ def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: C
 
 
 def judge_all(judge, items: list[dict], folder: Path, cfg: Config, counts: dict) -> dict:
-    """Judgements cached per (task, judge): a new judge judges everything, an old one nothing."""
-    writer = RecordWriter(folder / "judgements" / f"{judge.task}--{judge_slug(judge.name)}.jsonl")
+    """Judgements cached per (task, judge, judge settings): a new or edited judge judges everything,
+    an unchanged one nothing."""
+    writer = RecordWriter(folder / "judgements" / judge_file_name(judge))
     todo = [it for it in items if it["key"] not in writer.done]
     with writer:
         for chunk in tqdm(list(batched(todo, cfg.chunk_size)), desc=f"  judge {judge.task}", leave=False, disable=not todo):

@@ -29,6 +29,8 @@ humans 69.9% of the time, its 13B classifier 93.2%):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 from .backends import Agent, LLMConfig
@@ -167,9 +169,12 @@ def parse_choice(text: str, n_choices: int = 4) -> str | None:
 
 class Judge:
     """A task bound to one judge; `judge(items)` -> one judgement dict per item. Items carry
-    `prompt` (what the judge reads as the request), `answer`, `reasoning` and the suite fields."""
+    `prompt` (what the judge reads as the request), `answer`, `reasoning` and the suite fields.
+    `settings` is everything that can change a verdict (LLM settings, template, policies): stage 5
+    caches verdicts under its hash, so an edited judge judges again instead of reusing old ones."""
     task: str
     name: str
+    settings: str = ""
 
     def __call__(self, items: list[dict]) -> list[dict]:
         raise NotImplementedError
@@ -215,6 +220,10 @@ class LLMJudge(Judge):
         self.name = f"llm:{self.agent.label}"
         self.tpl = None if task == "cot" else load_template(self.TEMPLATES[task], templates)
         self.templates = templates
+        keys = ("backend", "model", "adapter", "load_in_4bit", "dtype", "temperature", "top_p", "max_new_tokens", "base_url")
+        template = load_template("grade_cot", templates) if task == "cot" else self.tpl
+        self.settings = json.dumps({"llm": {k: getattr(cfg, k) for k in keys}, "template": [template.system, template.user],
+                                    "policies": policies}, sort_keys=True)
 
     def __call__(self, items):
         if self.task == "cot":
@@ -262,4 +271,10 @@ def make_judge(task: str, spec, llm: LLMConfig, policies: str, templates=None) -
 def judge_slug(name: str) -> str:
     """A judge name as a file name part."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def judge_file_name(judge: Judge) -> str:
+    """`<task>--<judge>[--<hash of its settings>].jsonl`: the verdict cache of stage 5."""
+    digest = "--" + hashlib.sha256(judge.settings.encode()).hexdigest()[:10] if judge.settings else ""
+    return f"{judge.task}--{judge_slug(judge.name)}{digest}.jsonl"
 

@@ -303,6 +303,10 @@ def test_resume_and_adding_a_judge_does_not_regenerate(tmp_path, scripted):
     scripted.calls_log.clear()
     run_eval(tmp_path, scripted, "eval.judges.cot=llm", "eval.suites=[harmful, xstest, mmlu, jailbreak, {name: more, kind: harmful, source: data/eval/harmful.jsonl}]")
     assert all(n == 4 for _, n in scripted.calls_log)       # only the new suite's 4 items, generated then graded
+    scripted.calls_log.clear()
+    run_eval(tmp_path, scripted, "eval.judges.cot={max_new_tokens: 99}", "eval.suites=[harmful, xstest, mmlu, jailbreak]")
+    assert {m for m, _ in scripted.calls_log} == {"judge"}   # an edited judge's old verdicts are not reused
+    assert len(list((out / "base" / "judgements").glob("cot--*.jsonl"))) == 2
     with pytest.raises(InputError, match="another config"):
         run_eval(tmp_path, scripted, "eval.generation={temperature: 0.9}")
 
