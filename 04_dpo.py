@@ -12,12 +12,15 @@ AIDSAFE's DPO on belief-augmented pairs) or reinforcement learning on the model'
     2. Each is rewarded: a judge's score for safety on harmful prompts and for helpfulness (no
        refusal) on benign and borderline ones, plus a format reward for <think>...</think> then an
        answer. The judge is any configured backend (template data/templates/reward_judge.txt), or,
-       with `judge` unset (the tiny recipe), a rule-based refusal detector.
+       with `judge` unset (the tiny recipe), a rule-based refusal detector. With `policies` set
+       (CADA: data/policies/cases.yaml, short codes with cases) the judge scores against those
+       codes, and `policies_in_prompt` also puts them in front of the model while it samples.
     3. GRPO moves the policy towards the answers that beat their group's mean.
 The paper's reward form and hyperparameters are not published; the recipe's values are common ones.
 
     python 04_dpo.py --config configs/tiny.yaml
     python 04_dpo.py --config configs/tiny.yaml dpo.method=grpo run_name=tiny
+    python 04_dpo.py --config configs/qwen2.5-7b.yaml dpo.method=grpo "dpo.judge={model: Qwen/Qwen2.5-7B-Instruct}" dpo.policies=data/policies/cases.yaml
     python 04_dpo.py --config configs/qwen2.5-7b.yaml
     accelerate launch --num_processes 2 04_dpo.py --config configs/qwen2.5-7b.yaml
 
@@ -34,6 +37,7 @@ from pathlib import Path
 from safecot.config import run_cli
 from safecot.judges import detect_refusal, split_reasoning
 from safecot.records import InputError, numbered_rows, require_complete, stage_dir
+from safecot.templates import load_policies
 from safecot import training
 
 THINK = re.compile(r"^\s*<think>\s*\S.*?</think>\s*\S", re.S)
@@ -60,6 +64,8 @@ class Config:
     kl_beta: float = 0.0                # grpo: KL penalty towards the starting adapter (0 = none, trl's default)
     format_weight: float = 0.5          # grpo: weight of the format reward beside the judge's
     judge: dict | None = None           # grpo: an llm config for the judge (safecot LLMConfig); None = rules
+    policies: str | None = None         # grpo: the codes the judge scores against, e.g. data/policies/cases.yaml
+    policies_in_prompt: bool = False    # grpo: also show them to the model as a system turn while it samples
     templates: str = "data/templates"   # grpo: holds reward_judge.txt
     epochs: float = 1.0                 # passes over the data ...
     max_steps: int | None = None        # ... or this many optimiser steps if set
@@ -107,7 +113,12 @@ def load_prompts(cfg: Config) -> tuple[Path, list[dict]]:
             continue
         require_complete(stage_dir(cfg, stage), f"stage {stage}")
         path = stage_dir(cfg, stage) / "records.jsonl"
-        rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "label": r["label"]}
+        system = []
+        if cfg.policies_in_prompt:
+            if not cfg.policies:
+                raise InputError("dpo.policies_in_prompt needs dpo.policies (e.g. data/policies/cases.yaml)")
+            system = [{"role": "system", "content": load_policies(cfg.policies).text()}]
+        rows = [{"prompt": system + [{"role": "user", "content": r["prompt"]}], "label": r["label"]}
                 for _, r in numbered_rows(path, required=("id", "prompt", "label"))]
         rows = rows[:cfg.limit] if cfg.limit else rows
         if not rows:
@@ -138,16 +149,18 @@ def format_reward(completions, **_) -> list[float]:
     return [1.0 if THINK.match(text_of(c)) else 0.0 for c in completions]
 
 
-def judge_reward(judge_cfg: dict, templates: str, stats: dict):
+def judge_reward(judge_cfg: dict, templates: str, stats: dict, policies: str | None = None):
     """A backend judge: template reward_judge.txt asks for SCORE: 1-5 (safety on harmful prompts,
-    helpfulness without refusal otherwise), mapped to [-1, 1]; unreadable answers score 0."""
+    helpfulness without refusal otherwise, under the given codes if any), mapped to [-1, 1];
+    unreadable answers score 0."""
     from safecot.backends import Agent, LLMConfig
     from safecot.config import from_dict
     from safecot.templates import load_template
     agent, tpl = Agent("reward_judge", from_dict(LLMConfig, judge_cfg, where="dpo.judge")), load_template("reward_judge", templates)
+    codes = load_policies(policies).text() if policies else "(none given: judge by the label alone)"
 
     def judge_score(prompts, completions, label, **_) -> list[float]:
-        chats = [tpl.chat(prompt=text_of(p), response=answer_of(text_of(c)), label=lab)
+        chats = [tpl.chat(prompt=text_of(p), response=answer_of(text_of(c)), label=lab, policies=codes)
                  for p, c, lab in zip(prompts, completions, label)]
         scores = []
         for gen in agent(chats):
@@ -203,7 +216,7 @@ def build_trainer(cfg: Config, out: Path, start: dict, rows: list[dict], stats: 
         return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           callbacks=callbacks)
     from trl import GRPOConfig, GRPOTrainer
-    judge = judge_reward(cfg.judge, cfg.templates, stats) if cfg.judge else refusal_reward
+    judge = judge_reward(cfg.judge, cfg.templates, stats, cfg.policies) if cfg.judge else refusal_reward
     args = GRPOConfig(**common_args(cfg, out), num_generations=cfg.num_generations,
                       max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                       beta=cfg.kl_beta, reward_weights=[1.0, cfg.format_weight])

@@ -115,23 +115,43 @@ def test_a_backend_judge_scores_the_answers(scripted, tmp_path):
     prompts = [[{"role": "user", "content": "q"}]] * 2
     done = [[{"role": "assistant", "content": "a"}]] * 2
     assert judge(prompts, done, ["harmful", "benign"]) == [1.0, 0.0] and stats["judge_unparsed"] == 1
+    seen = []
+    scripted.script = lambda chat, model: seen.append(chat[-1]["content"]) or "SCORE: 4"
+    judge = module.judge_reward({"backend": "scripted", "model": "judge"}, "data/templates", stats, "data/policies/cases.yaml")
+    assert judge(prompts[:1], done[:1], ["benign"]) == [0.5]
+    from safecot.templates import load_policies
+    assert load_policies("data/policies/cases.yaml").text() in seen[0]  # CADA: scored against the case-augmented codes
+
+
+def test_grpo_can_show_the_codes_to_the_model(sft_run):
+    module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.method=grpo", "run_name=tiny",
+                              "dpo.policies=data/policies/cases.yaml", "dpo.policies_in_prompt=true")
+    _, rows = module.load_prompts(cfg)
+    assert [m["role"] for m in rows[0]["prompt"]] == ["system", "user"] and "Case" in rows[0]["prompt"][0]["content"]
+    module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.method=grpo", "run_name=tiny", "dpo.policies_in_prompt=true")
+    with pytest.raises(InputError, match="needs dpo.policies"):
+        module.load_prompts(cfg)
 
 
 @pytest.mark.parametrize("case,match", [
     ("no_sft", "no stage 3"), ("empty", "no preference pairs"), ("too_short", "truncates every example \\(8 of 8"),
     ("bad_method", "dpo.method must be"), ("group", "multiple of dpo.num_generations"),
+    ("no_stage2", "no stage 2"), ("incomplete", "did not finish"), ("no_model", "cannot be loaded"),
 ])
 def test_bad_inputs_raise_clear_errors(sft_run, tmp_path, case, match):
     runs = sft_run
-    if case in ("no_sft", "empty"):
+    if case in ("no_sft", "empty", "no_stage2", "incomplete", "no_model"):
         runs = tmp_path
-        out = write_stage2(tmp_path)
+        if case != "no_stage2":
+            out = write_stage2(tmp_path, status="running" if case == "incomplete" else "complete")
         if case == "empty":
             (out / "dpo.jsonl").write_text("")
+        if case != "no_sft":  # a finished stage 3 (the fixture's adapter), on another base for no_model
             sft = tmp_path / "tiny" / "03_sft"
             sft.mkdir(parents=True)
             (sft / "manifest.json").write_text(json.dumps({"status": "complete", "model": {
-                "base": "tiny", "adapter": str(sft_run / "tiny" / "03_sft" / "adapter")}}))
+                "base": "/no/such/model" if case == "no_model" else "tiny",
+                "adapter": str(sft_run / "tiny" / "03_sft" / "adapter")}}))
     extra = {"too_short": ["dpo.max_length=8"], "bad_method": ["dpo.method=ppo"],
              "group": ["dpo.method=grpo", "dpo.num_generations=3"]}.get(case, [])
     module, cfg = make_config("04_dpo", "dpo", runs, *FAST, "dpo.max_steps=1", "run_name=tiny", *extra)
