@@ -23,9 +23,10 @@ demo test: export HF_HUB_OFFLINE = 1
 # All five stages on the offline tiny recipe (a few minutes on a laptop CPU). Rerunning resumes.
 demo: venv
 	@for s in $(STAGES); do echo "== $$s"; $(PY) $$s.py --config $(CONFIG) || exit 1; done
-	@echo "Outputs:  data/runs/tiny/  (one folder per stage, each with manifest.json)"
-	@echo "Report:   data/runs/tiny/05_eval/report.md"
-	@echo "Figures:  data/runs/tiny/05_eval/intervals.png, and notebooks/*.ipynb draw every stage"
+	@run=$$($(PY) -c "from safecot.config import load_recipe as r; c = r('$(CONFIG)'); print(f\"{c['runs_dir']}/{c['run_name']}\")"); \
+	echo "Outputs:  $$run/  (one folder per stage, each with manifest.json)"; \
+	echo "Report:   $$run/05_eval/report.md"; \
+	echo "Figures:  $$run/05_eval/intervals.png, and notebooks/*.ipynb draw every stage (RUN_DIR=$$run)"
 
 # A real recipe on one GPU, stage by stage; stages whose manifest says complete are skipped,
 # an interrupted one resumes. e.g. make reproduce CONFIG=configs/qwen2.5-7b.yaml
