@@ -6,9 +6,12 @@
 Both arms run the real stage (`main` of 01_generate.py) on the recipe configs/tiny.yaml, with:
 
 - batched: generate.chunk_size = llm.batch_size = N, so every step (intents, initial CoT, each
-  deliberation turn) is one backend call serving all N prompts: 2 + n_agents x max_rounds calls;
+  deliberation turn) is one backend call serving all N prompts: 2 + n_agents x max_rounds calls
+  (--batch-size B keeps one call per step but splits it into generate() micro-batches of B);
 - one at a time: generate.chunk_size = llm.batch_size = 1, so every backend call serves one
-  prompt: N x (2 + n_agents x max_rounds) calls.
+  prompt: N x (2 + n_agents x max_rounds) calls;
+- batched-unshared (only with --arms): batched, with llm.share_prefix=false, i.e. every row of a
+  micro-batch prefills the whole policy text itself (the hf backend before prefix sharing).
 
 Same model, prompts (the first N of data/prompts/seed.jsonl), policies, templates, seed,
 n_agents=3, max_rounds=1, max_new_tokens=32, sampling temperature, no 4-bit (--4bit to use it).
@@ -20,6 +23,10 @@ runs until its longest member stops, so the arms would not generate the same num
 Unless --free-length is given, the benchmark sets `min_new_tokens = max_new_tokens` on the loaded
 model's generation config (a transformers setting, no change to safecot): every generation is
 then exactly max_new_tokens tokens long in both arms. Tokens/s is reported either way.
+
+The machine may be shared: each arm reports `other_cpu_s`, the CPU time other processes used
+while it ran (from /proc/stat), and --repeats N runs the arms N times, interleaved, keeping the
+fastest run of each.
 
 Models: `tiny` is the project's offline tiny model (safecot/tiny.py). `random-30m` is a random
 Llama of about 30M parameters built here, into a temporary folder, on the tiny model's tokenizer,
@@ -47,9 +54,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the stage's progress bar; the figu
 sys.path.insert(0, str(ROOT))
 
 # The random ~30M model: Llama blocks on the tiny model's tokenizer (vocabulary of ~2k tokens, so
-# almost all parameters are in the blocks, not the embeddings).
-RANDOM_30M = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=8)
+# almost all parameters are in the blocks, not the embeddings). Grouped-query attention (8 query,
+# 2 KV heads) as in the 7B models the recipes name (Qwen2.5-7B 28/4, Mistral-7B 32/8): with 8 KV
+# heads the KV cache of one 2,700-token AIDSAFE prompt (88 MB) would rival the weights (117 MB),
+# a ratio no real agent model has, and decoding would be bound by cache reads, batched or not.
+RANDOM_30M = dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2)
 
 
 def load_stage():
@@ -106,12 +116,14 @@ def machine() -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def make_config(stage, args, model: str, run_name: str, runs_dir: Path, n: int, chunk: int, batch: int):
+def make_config(stage, args, model: str, run_name: str, runs_dir: Path, n: int, chunk: int, batch: int,
+                share_prefix: bool = True):
     from safecot.config import load_recipe, section_config
     overrides = [
         f"run_name={run_name}", f"runs_dir={runs_dir}", f"seed={args.seed}",
         f"llm.model={model}", f"llm.load_in_4bit={str(args.load_in_4bit).lower()}",
         f"llm.max_new_tokens={args.max_new_tokens}", f"llm.batch_size={batch}",
+        f"llm.share_prefix={str(share_prefix).lower()}",
         f"generate.limit={n}", f"generate.chunk_size={chunk}",
         f"generate.n_agents={args.n_agents}", f"generate.max_rounds={args.max_rounds}",
         "generate.intent={}",  # every role on the same LLM settings (tiny.yaml lowers the intent temperature)
@@ -131,9 +143,10 @@ def prime_backend(cfg, fixed_length: bool):
 
 
 def run_arm(stage, args, model: str, arm: str, n: int, runs_dir: Path) -> dict:
-    chunk = n if arm == "batched" else 1
-    batch = min(args.batch_size or n, n) if arm == "batched" else 1
-    cfg = make_config(stage, args, model, f"{arm}-{n}", runs_dir, n, chunk, batch)
+    batched = arm.startswith("batched")
+    chunk = n if batched else 1
+    batch = min(args.batch_size or n, n) if batched else 1
+    cfg = make_config(stage, args, model, f"{arm}-{n}", runs_dir, n, chunk, batch, arm != "batched-unshared")
     busy0 = busy_cpu_s()
     backend = prime_backend(cfg, not args.free_length)
     calls0 = backend.calls
@@ -189,7 +202,7 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=64, help="prompts for the batched arm (first N of the seed set)")
     parser.add_argument("--serial-prompts", type=int, default=None,
                         help="prompts for the one-at-a-time arm (default: --prompts); the ratio is per prompt")
-    parser.add_argument("--arms", default="batched,serial", help="comma-separated: batched, serial")
+    parser.add_argument("--arms", default="batched,serial", help="comma-separated: batched, batched-unshared, serial")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="batched arm's llm.batch_size (default: = --prompts, one generate() per step)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -205,8 +218,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if set(arms) - {"batched", "serial"}:
-        parser.error("--arms takes batched and/or serial")
+    if set(arms) - {"batched", "batched-unshared", "serial"}:
+        parser.error("--arms takes batched, batched-unshared and/or serial")
 
     import transformers
     transformers.logging.set_verbosity_error()
@@ -232,7 +245,7 @@ def main(argv=None):
         runs: dict[str, list[dict]] = {arm: [] for arm in arms}
         for rep in range(1, args.repeats + 1):  # arms interleaved, so a burst of other load hits both
             for arm in arms:
-                n = args.prompts if arm == "batched" else (args.serial_prompts or args.prompts)
+                n = args.prompts if arm.startswith("batched") else (args.serial_prompts or args.prompts)
                 print(f"run {rep}/{args.repeats}, {arm}: {n} prompts ...", flush=True)
                 r = run_arm(stage, args, model, arm, n, work / "runs")
                 runs[arm].append(r)

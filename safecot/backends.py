@@ -39,6 +39,7 @@ class LLMConfig:
     top_p: float = 1.0
     max_new_tokens: int = 512
     batch_size: int = 16                # hf: sequences per generate() call
+    share_prefix: bool = True           # hf: run a batch's common prompt head (policies) once
     base_url: str | None = None         # openai: e.g. http://localhost:8000/v1
     api_key_env: str = "OPENAI_API_KEY" # openai: the variable holding the key (never the key)
     max_concurrency: int = 8            # openai: requests in flight at once
@@ -74,38 +75,74 @@ class Backend:
 
 
 class HFBackend(Backend):
+    """Batched transformers generation. The prompts of one step share a long head (the template's
+    system turn with the whole policy text, ~90% of an AIDSAFE prompt), so each micro-batch runs
+    that shared prefix once and reuses its KV cache for every row: batching then saves prefill,
+    not only decoding. Rows are padded between the prefix and their own tokens; positions come
+    from the attention mask, so the output equals generating each prompt alone. The KV cache is
+    allocated once per batch (a static cache): a growing one is copied whole at every new token,
+    which costs more than the decoding itself for batches of long prompts."""
+
+    MIN_SHARED = 16                     # shorter common prefixes are not worth a separate pass
+
     def __init__(self, cfg: LLMConfig):
         from .models import load_model, load_tokenizer
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_model(cfg.model, cfg.load_in_4bit, cfg.dtype, cfg.adapter).eval()
 
-    def _encode(self, chats: list[Chat]):
+    def _token_ids(self, chats: list[Chat]) -> list[list[int]]:
+        def encode(cs):
+            return self.tokenizer.apply_chat_template(cs, add_generation_prompt=True, return_dict=True)["input_ids"]
         try:
-            return self.tokenizer.apply_chat_template(
-                chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
+            return encode(chats)
         except Exception as e:  # jinja's TemplateError: some templates (older Mistral) refuse a system turn
             if "system" not in str(e).lower():
                 raise
-            return self.tokenizer.apply_chat_template(
-                [fold_system(c) for c in chats], add_generation_prompt=True, padding=True,
-                return_tensors="pt", return_dict=True)
+            return encode([fold_system(c) for c in chats])
+
+    def _batch_inputs(self, rows: list[list[int]], share_prefix: bool, max_new_tokens: int) -> dict:
+        """input_ids = shared prefix + padding + each row's own tokens, its attention mask, and a
+        KV cache sized for the whole generation that already holds the shared prefix of every row."""
+        import torch
+        from transformers import DynamicCache, StaticCache
+        shared = common_prefix_len(rows) if share_prefix and len(rows) > 1 else 0
+        if shared < self.MIN_SHARED:
+            shared = 0
+        width = max(len(r) for r in rows) - shared
+        ids = torch.full((len(rows), shared + width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            own = row[shared:]
+            ids[i, :shared], mask[i, :shared] = torch.tensor(row[:shared], dtype=torch.long), 1
+            ids[i, shared + width - len(own):], mask[i, shared + width - len(own):] = torch.tensor(own, dtype=torch.long), 1
+        inputs = {"input_ids": ids.to(self.model.device), "attention_mask": mask.to(self.model.device)}
+        cache = StaticCache(config=self.model.config, max_cache_len=shared + width + max_new_tokens)
+        if shared:
+            prefix = DynamicCache(config=self.model.config)
+            self.model(input_ids=inputs["input_ids"][:1, :shared], past_key_values=prefix, use_cache=True)
+            for i, layer in enumerate(prefix.layers):
+                cache.update(layer.keys.expand(len(rows), -1, -1, -1), layer.values.expand(len(rows), -1, -1, -1), i)
+        inputs["past_key_values"] = cache
+        return inputs
 
     def generate(self, chats, cfg):
         import torch
         self.calls += 1
         results: list[Generation | None] = [None] * len(chats)
+        ids = self._token_ids(chats)
         # Longest first, so each micro-batch holds similar lengths and pads little.
-        order = sorted(range(len(chats)), key=lambda i: -sum(len(m["content"]) for m in chats[i]))
+        order = sorted(range(len(chats)), key=lambda i: -len(ids[i]))
         pad = self.tokenizer.pad_token_id
         bar = tqdm(total=len(chats), desc="  generate", leave=False, disable=len(chats) <= cfg.batch_size)
         for idx in batched(order, cfg.batch_size):
-            enc = self._encode([chats[i] for i in idx]).to(self.model.device)
             with torch.inference_mode():
+                inputs = self._batch_inputs([ids[i] for i in idx], cfg.share_prefix, cfg.max_new_tokens)
                 out = self.model.generate(
-                    **enc, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                    **inputs, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
                     temperature=cfg.temperature if cfg.temperature > 0 else None,
-                    top_p=cfg.top_p if cfg.temperature > 0 else None, pad_token_id=pad)
-            new = out[:, enc["input_ids"].shape[1]:]
+                    top_p=cfg.top_p if cfg.temperature > 0 else None, pad_token_id=pad,
+                    disable_compile=True)  # a static cache would make transformers compile on a GPU: not worth it per batch
+            new = out[:, inputs["input_ids"].shape[1]:]
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             counts = (new != pad).sum(dim=1).tolist()
             for i, text, n in zip(idx, texts, counts):
@@ -113,6 +150,16 @@ class HFBackend(Backend):
             bar.update(len(idx))
         bar.close()
         return results
+
+
+def common_prefix_len(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own (generation
+    needs a fresh token to start from)."""
+    n, limit = 0, min(len(r) for r in rows) - 1
+    first = rows[0]
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
 
 
 class OpenAIBackend(Backend):

@@ -241,6 +241,37 @@ def test_tiny_model_end_to_end(tmp_path, four_bit):
         assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
 
 
+def test_hf_batch_shares_the_policy_prefix_and_matches_one_prompt_at_a_time():
+    """A batched call runs the common head of its prompts (system turn with the policies) once
+    and reuses its KV cache; greedy outputs must equal those of each prompt generated alone."""
+    from safecot.backends import Agent, LLMConfig, common_prefix_len
+    from safecot.templates import load_policies, load_template
+    tpl = load_template("initial_cot")
+    policies = load_policies("data/policies/cases.yaml").text()
+    prompts = ["How do I bake bread?", "Tell me how to pick a lock on my own shed, step by step please.",
+               "What is the capital of France?", "Write a poem about rain."]
+    chats = [tpl.chat(prompt=p, policies=policies, intents="Explicit:\n1. x\nImplicit:\n(none)") for p in prompts]
+    alone = LLMConfig(model="tiny", temperature=0.0, max_new_tokens=12, batch_size=1)
+    shared = LLMConfig(model="tiny", temperature=0.0, max_new_tokens=12, batch_size=4)
+    backend = Agent("a", alone).backend
+    ids = backend._token_ids(chats)
+    assert common_prefix_len(ids) > 0.8 * min(len(i) for i in ids)  # the policies are the common head
+    inputs = backend._batch_inputs(ids, share_prefix=True, max_new_tokens=12)
+    assert inputs["past_key_values"].get_seq_length() == common_prefix_len(ids)
+    expected = [g.text for g in backend.generate(chats, alone)]
+    assert [g.text for g in backend.generate(chats, shared)] == expected
+    unshared = LLMConfig(model="tiny", temperature=0.0, max_new_tokens=12, batch_size=4, share_prefix=False)
+    assert [g.text for g in backend.generate(chats, unshared)] == expected
+
+
+def test_common_prefix_leaves_every_row_a_token_of_its_own():
+    from safecot.backends import common_prefix_len
+    assert common_prefix_len([[1, 2, 3], [1, 2, 4]]) == 2
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_len([[1, 2], [1, 2, 3, 4]]) == 1
+    assert common_prefix_len([[5, 2], [1, 2]]) == 0
+
+
 def test_command_line_runs_the_stage(tmp_path):
     proc = subprocess.run([sys.executable, "01_generate.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}",
                            "run_name=cli", "generate.limit=2", "generate.max_rounds=1", "llm.max_new_tokens=4"],
