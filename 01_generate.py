@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from safecot.backends import Agent, LLMConfig
 from safecot.config import run_cli
-from safecot.prompt_sets import load_prompts
+from safecot.prompt_sets import load_prompt_sources, prompt_sources
 from safecot.records import InputError, Manifest, RecordWriter, batched, prepare_stage, stage_dir
 from safecot.parsing import parse_cot, parse_intents, parse_review
 from safecot.templates import load_policies, load_template
@@ -43,7 +43,7 @@ class Config:
     seed: int = 0
     runs_dir: str = "data/runs"
     llm: LLMConfig = field(default_factory=LLMConfig)  # every agent's LLM unless a role overrides it
-    prompts: str = "data/prompts/seed.jsonl"  # .jsonl, .csv, or hf:<dataset id>
+    prompts: str | list = "data/prompts/seed.jsonl"  # .jsonl, .csv, hf:<dataset id>, or a list of sources to mix
     prompt_split: str = "train"         # Hub datasets only
     prompt_subset: str | None = None    # Hub datasets only: the config name
     prompt_columns: dict = field(default_factory=dict)   # {our_field: their_column}
@@ -179,14 +179,15 @@ def main(cfg: Config, overwrite: bool = False):
     for k in range(cfg.n_agents):
         roles[f"agent_{k + 1}"] = cfg.llm.merged(cfg.deliberators[k % len(cfg.deliberators)] if cfg.deliberators else None)
     out = prepare_stage(stage_dir(cfg, "01_generate"), overwrite)
-    prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_subset, cfg.prompt_columns,
-                           cfg.prompt_defaults, cfg.limit)
+    sources = prompt_sources(cfg.prompts, cfg.prompt_split, cfg.prompt_subset, cfg.prompt_columns, cfg.prompt_defaults)
+    prompts = load_prompt_sources(sources, cfg.limit)
     policy_set = load_policies(cfg.policies)
     policies = policy_set.text()
     tpl = {n: load_template(n, cfg.templates) for n in ("intent", "initial_cot", "deliberate")}
     manifest = Manifest(out, "01_generate", asdict(cfg), resume_ignores=("limit", "chunk_size"))
-    hub = {"split": cfg.prompt_split, "subset": cfg.prompt_subset} if cfg.prompts.startswith("hf:") else {}
-    manifest.input("prompts", cfg.prompts, len(prompts), **hub)
+    for i, src in enumerate(sources):
+        hub = {"split": src["split"], "subset": src["subset"]} if src["source"].startswith("hf:") else {}
+        manifest.input("prompts" if len(sources) == 1 else f"prompts[{i}]", src["source"], src["rows"], **hub)
     manifest.input("policies", cfg.policies, len(policy_set.policies))
     for name in tpl:
         manifest.input(f"template {name}", Path(cfg.templates) / f"{name}.txt")

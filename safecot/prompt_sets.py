@@ -10,7 +10,12 @@ Every prompt record has `id`, `prompt`, `label` (harmful | benign | borderline) 
     prompt_defaults: {label: harmful, category: beavertails}
 
 A record without an `id` gets one from a hash of its prompt, so ids are stable across reruns
-and a prompt repeated in the source is taken once.
+and a prompt repeated in the source is taken once. A label or category given as flags (BeaverTails'
+`category` is {"violence,aiding_and_abetting,incitement": true, ...}) becomes the first flag set.
+
+Several sources mix into one set (the AIDSAFE paper: 5,000 BeaverTails safety prompts and 5,000
+Alpagasus general prompts): `prompts` is then a list of mappings with `source` and optional `split`,
+`subset`, `columns`, `defaults`, `limit`, each read as above.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from pathlib import Path
 from .records import InputError, numbered_rows
 
 LABELS = ("harmful", "benign", "borderline")
+SOURCE_KEYS = ("source", "split", "subset", "columns", "defaults", "limit")
 
 
 def prompt_id(source: str, prompt: str) -> str:
@@ -68,7 +74,7 @@ def load_prompts(source: str, split: str = "train", subset: str | None = None,
                 continue  # the same prompt twice (common in Hub sets): deliberate it once
             raise InputError(f"{where}: duplicate id '{rec['id']}'")
         seen.add(rec["id"])
-        rec["label"], rec["category"] = str(rec["label"]), str(rec["category"])
+        rec["label"], rec["category"] = str(_flag(rec["label"])), str(_flag(rec["category"]))
         if rec["label"] not in LABELS + ("unknown",):
             raise InputError(f"{where}: label '{rec['label']}' is not one of {', '.join(LABELS)} (or unknown); "
                              "map it with prompt_columns or set prompt_defaults={label: ...}")
@@ -78,3 +84,46 @@ def load_prompts(source: str, split: str = "train", subset: str | None = None,
     if not out:
         raise InputError(f"{source}: no prompts")
     return out
+
+
+def _flag(value):
+    """The first flag set of a {name: bool} mapping (or the first item of a list); else the value."""
+    if isinstance(value, dict):
+        return next((k for k, v in value.items() if v), "none")
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else "none"
+    return value
+
+
+def prompt_sources(prompts, split: str = "train", subset: str | None = None, columns: dict | None = None,
+                   defaults: dict | None = None, limit: int | None = None) -> list[dict]:
+    """`generate.prompts` as a list of sources: one (a path or hf:<id>, with the stage's split,
+    columns and defaults) or a mix (a list of mappings, each with its own)."""
+    if isinstance(prompts, str):
+        return [{"source": prompts, "split": split, "subset": subset, "columns": columns or {},
+                 "defaults": defaults or {}, "limit": limit}]
+    if not isinstance(prompts, list) or not prompts:
+        raise InputError(f"generate.prompts: expected a file, hf:<id>, or a list of sources, got {prompts!r}")
+    specs = []
+    for i, entry in enumerate(prompts):
+        entry = {"source": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "source" not in entry or set(entry) - set(SOURCE_KEYS):
+            raise InputError(f"generate.prompts[{i}]: expected a mapping with source and optional "
+                             f"{', '.join(SOURCE_KEYS[1:])}, got {entry!r}")
+        specs.append({"split": split, "subset": None, "columns": {}, "defaults": {}, "limit": None, **entry})
+    return specs
+
+
+def load_prompt_sources(specs: list[dict], limit: int | None = None) -> list[dict]:
+    """Every source's prompts, in order, then the first `limit`; an id in two sources is an error.
+    Each spec gets `rows`, the number it gave, for the manifest."""
+    out, seen = [], {}
+    for spec in specs:
+        rows = load_prompts(spec["source"], spec["split"], spec["subset"], spec["columns"], spec["defaults"], spec["limit"])
+        for rec in rows:
+            if rec["id"] in seen:
+                raise InputError(f"{spec['source']}: id '{rec['id']}' is also in {seen[rec['id']]}")
+            seen[rec["id"]] = spec["source"]
+        spec["rows"] = len(rows)
+        out += rows
+    return out[:limit] if limit else out

@@ -197,6 +197,16 @@ def test_resume_refuses_a_corrupt_line_and_changed_prompts(tmp_path, scripted):
         run(tmp_path, scripted, lambda chat, k: AGREE, f"generate.prompts={prompts}")
     assert (out / "records.jsonl").read_text() == good
 
+
+def test_prompt_mix_from_the_recipe_is_recorded_per_source(tmp_path, scripted):
+    mix = ("generate.prompts=[{source: data/prompts/seed.jsonl, limit: 2}, "
+           "{source: data/eval/harmful.jsonl, limit: 1}]")
+    out = run(tmp_path, scripted, lambda chat, k: AGREE, mix)
+    assert len(records(out)) == 3
+    inputs = json.loads((out / "manifest.json").read_text())["inputs"]
+    assert inputs["prompts[0]"]["rows"] == 2 and inputs["prompts[1]"]["path"] == "data/eval/harmful.jsonl"
+    assert inputs["template deliberate"]["sha256"]
+
 def test_failed_requests_are_left_for_the_next_run(tmp_path, scripted):
     from safecot.backends import Generation
 
