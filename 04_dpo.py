@@ -37,7 +37,7 @@ from pathlib import Path
 from safecot.config import run_cli
 from safecot.judges import detect_refusal, split_reasoning
 from safecot.records import InputError, numbered_rows, require_complete, stage_dir
-from safecot.templates import load_policies
+from safecot.templates import load_policies, load_template
 from safecot import training
 
 THINK = re.compile(r"^\s*<think>\s*\S.*?</think>\s*\S", re.S)
@@ -155,7 +155,6 @@ def judge_reward(judge_cfg: dict, templates: str, stats: dict, policies: str | N
     unreadable answers score 0."""
     from safecot.backends import Agent, LLMConfig
     from safecot.config import from_dict
-    from safecot.templates import load_template
     agent, tpl = Agent("reward_judge", from_dict(LLMConfig, judge_cfg, where="dpo.judge")), load_template("reward_judge", templates)
     codes = load_policies(policies).text() if policies else "(none given: judge by the label alone)"
 

@@ -67,9 +67,6 @@ class Config:
     compare: list = field(default_factory=list)  # other runs' 05_eval folders: only write the comparison
 
 
-GENERATION_KEYS = ("backend", "model", "adapter", "load_in_4bit", "dtype", "temperature", "top_p", "max_new_tokens", "base_url")
-
-
 def base_model_of(manifest: dict) -> str | None:
     """The base model an adapter was trained on, as stage 3/4 manifests record it."""
     cfg = manifest.get("config") or {}
@@ -114,7 +111,7 @@ def resolve_models(cfg: Config) -> dict[str, LLMConfig]:
 
 def check_model_folder(folder: Path, label: str, llm: LLMConfig, system_prompt: str) -> None:
     """Cached generations belong to one model config; refuse to mix two under one label."""
-    spec = {**{k: v for k, v in asdict(llm).items() if k in GENERATION_KEYS}, "system_prompt": system_prompt}
+    spec = {**llm.output_settings(), "system_prompt": system_prompt}
     path = folder / "model.json"
     if path.exists():
         old = json.loads(path.read_text())

@@ -50,6 +50,14 @@ class LLMConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend '{self.backend}' (known: {', '.join(sorted(BACKENDS))})")
 
+    # What changes the text a model writes, as opposed to how fast or in what batches it runs:
+    # stage 5 keys its caches of generations and verdicts on these.
+    OUTPUT_KEYS = ("backend", "model", "adapter", "load_in_4bit", "dtype", "temperature", "top_p",
+                   "max_new_tokens", "base_url")
+
+    def output_settings(self) -> dict:
+        return {k: getattr(self, k) for k in self.OUTPUT_KEYS}
+
     def merged(self, overrides: dict | None) -> "LLMConfig":
         """This config with a role's overrides on top (e.g. a different model for one agent)."""
         from .config import from_dict

@@ -220,9 +220,8 @@ class LLMJudge(Judge):
         self.name = f"llm:{self.agent.label}"
         self.tpl = None if task == "cot" else load_template(self.TEMPLATES[task], templates)
         self.templates = templates
-        keys = ("backend", "model", "adapter", "load_in_4bit", "dtype", "temperature", "top_p", "max_new_tokens", "base_url")
         template = load_template("grade_cot", templates) if task == "cot" else self.tpl
-        self.settings = json.dumps({"llm": {k: getattr(cfg, k) for k in keys}, "template": [template.system, template.user],
+        self.settings = json.dumps({"llm": cfg.output_settings(), "template": [template.system, template.user],
                                     "policies": policies}, sort_keys=True)
 
     def __call__(self, items):

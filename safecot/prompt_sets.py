@@ -96,12 +96,12 @@ def _flag(value):
 
 
 def prompt_sources(prompts, split: str = "train", subset: str | None = None, columns: dict | None = None,
-                   defaults: dict | None = None, limit: int | None = None) -> list[dict]:
+                   defaults: dict | None = None) -> list[dict]:
     """`generate.prompts` as a list of sources: one (a path or hf:<id>, with the stage's split,
     columns and defaults) or a mix (a list of mappings, each with its own)."""
     if isinstance(prompts, str):
         return [{"source": prompts, "split": split, "subset": subset, "columns": columns or {},
-                 "defaults": defaults or {}, "limit": limit}]
+                 "defaults": defaults or {}, "limit": None}]
     if not isinstance(prompts, list) or not prompts:
         raise InputError(f"generate.prompts: expected a file, hf:<id>, or a list of sources, got {prompts!r}")
     specs = []
