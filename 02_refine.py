@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from safecot.aidsafe_format import export_csv, import_records
 from safecot.backends import Agent, LLMConfig
+from safecot.chat import SFT_FORMAT
 from safecot.config import run_cli
 from safecot.grading import CRITERIA, grade_cot
 from safecot.parsing import items, parse_cot, parse_review, sections
@@ -65,7 +66,7 @@ class Config:
     dedup_threshold: float | None = 0.9  # cosine similarity above which a thought is a near-duplicate; null: exact only
     use_refiner: bool = True            # false: keep every de-duplicated thought (e.g. for already refined data)
     min_grades: dict = field(default_factory=dict)  # e.g. {faithfulness_policy_cot: 4}: lower-graded records stay out of the training sets
-    sft_format: str = "<think>\n{thoughts}\n</think>\n\n{response}"  # the assistant turn of sft.jsonl and dpo.jsonl
+    sft_format: str = SFT_FORMAT        # the assistant turn of sft.jsonl and dpo.jsonl: <think>thoughts</think> response
     pairs: str = "belief"               # belief | reflection
     pair_grade: str = "faithfulness_policy_cot"  # the grade that must differ between chosen and rejected
     pair_min_gap: int | None = 1        # drop pairs with chosen - rejected below this; null keeps every pair

@@ -7,8 +7,11 @@ As in Kumarage et al. 2025 (arXiv 2505.21784), section 5, and Mou et al. 2025 (S
   2. It is trained on the stage-2 conversations: `sft.jsonl` (prompt -> <think>policy-embedded
      reasoning</think> then the answer: SFT_DB / SaRO warm-up) or `sft_og.jsonl` (prompt -> the
      plain original response: the paper's SFT_OG baseline), chosen by `sft.dataset`.
-  3. The loss covers only what the assistant writes, its end-of-turn token included, for any
-     chat template (safecot/training.py explains how).
+  3. The loss covers only what the assistant writes, from the first token of its content to its
+     end-of-turn token, for any chat template: the prompt and the answer are tokenised apart so
+     the boundary is a token boundary (safecot/chat.py explains why). A template that drops the
+     reasoning from assistant turns (DeepSeek-R1-Distill's) is replaced for training by one that
+     keeps it. `loss_preview.jsonl` shows the first examples' learnt text: look there first.
 Hyperparameters are not published; the recipe's values are common QLoRA defaults for 7B models.
 
     python 03_sft.py --config configs/tiny.yaml
@@ -16,8 +19,9 @@ Hyperparameters are not published; the recipe's values are common QLoRA defaults
     python 03_sft.py --config configs/qwen2.5-7b.yaml
     accelerate launch --num_processes 2 03_sft.py --config configs/qwen2.5-7b.yaml
 
-Writes data/runs/<run_name>/03_sft/: adapter/ (LoRA adapter and tokenizer), metrics.jsonl (one line
-per logging step: loss, learning rate, tokens/s, peak memory), checkpoints/ (rerunning the same
+Writes data/runs/<run_name>/03_sft/: adapter/ (LoRA adapter and tokenizer), loss_preview.jsonl
+(for the first 8 examples, the decoded text of exactly the tokens that carry loss), metrics.jsonl
+(one line per logging step: loss, learning rate, tokens/s, peak memory), checkpoints/ (rerunning the same
 command resumes from the last one; `sft.max_steps`/`sft.epochs` may be raised to train on) and
 manifest.json (the base model and adapter path that stage 4 and stage 5 load).
 """
@@ -28,10 +32,11 @@ from pathlib import Path
 
 from safecot.backends import LLMConfig
 from safecot.config import run_cli
-from safecot.records import InputError, numbered_rows, require_complete
+from safecot.records import InputError, numbered_rows, require_complete, write_jsonl
 from safecot import training
 
 DATASETS = {"sft": "sft.jsonl", "sft_og": "sft_og.jsonl"}
+PREVIEW = 8                             # examples shown in loss_preview.jsonl
 
 # Raising the step budget and rerunning carries on from the last checkpoint.
 RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps")
@@ -49,7 +54,8 @@ class Config:
     dtype: str = "auto"                 # compute dtype: auto = bf16 on a GPU that has it, else fp32
     dataset: str = "sft"                # sft (SFT_DB: reasoning + answer) | sft_og (SFT_OG baseline)
     limit: int | None = None            # train on the first N examples only
-    chat_template: str | None = None    # a jinja file replacing the model's template for training
+    chat_template: str | None = None    # a jinja file replacing the model's template for training (default: its own,
+                                        # or trl's training variant if its own drops the reasoning)
     lora: training.LoraSettings = field(default_factory=training.LoraSettings)
     max_length: int = 2048              # tokens per example; longer ones are cut (and counted)
     epochs: float = 3.0                 # passes over the data ...
@@ -96,16 +102,30 @@ def load_examples(cfg: Config) -> tuple[Path, list[dict]]:
 
 
 def tokenize(cfg: Config, rows: list[dict]):
-    """The tokenizer, and the conversations as input_ids plus assistant masks (with counts of
-    truncated examples); a max_length that cuts every example stops here, before any output."""
-    from datasets import Dataset
+    """The tokenizer, its chat format, and the conversations as input_ids plus assistant masks
+    (with counts of truncated examples); a max_length that cuts every example stops here, before
+    any output."""
+    from safecot.chat import training_format
     from safecot.models import load_tokenizer
 
     tokenizer = load_tokenizer(base_model(cfg), padding_side="right")
-    template = training.chat_template_file(cfg.chat_template)
-    tokenised, counts = training.tokenize_sft(tokenizer, rows, cfg.max_length, template,
-                                              where=f"{refine_dir(cfg)}/{DATASETS[cfg.dataset]}")
-    return tokenizer, Dataset.from_list([{k: r[k] for k in ("input_ids", "assistant_masks")} for r in tokenised]), counts
+    fmt = training_format(tokenizer, base_model(cfg), cfg.chat_template)
+    tokenised, counts = training.tokenize_sft(fmt, rows, cfg.max_length, where=f"{refine_dir(cfg)}/{DATASETS[cfg.dataset]}")
+    return tokenizer, fmt, tokenised, counts
+
+
+def loss_preview(tokenizer, rows: list[dict], tokenised: list[dict]) -> tuple[list[dict], int]:
+    """For the first examples, the decoded text of exactly the tokens that carry loss, and how many
+    of them do not start at the assistant's content (a mask that is off by a token shows here)."""
+    content = {r["id"]: next(m["content"] for m in r["messages"] if m["role"] == "assistant") for r in rows}
+    preview, off = [], 0
+    for r in tokenised[:PREVIEW]:
+        learnt = tokenizer.decode([t for t, m in zip(r["input_ids"], r["assistant_masks"]) if m])
+        if not learnt.lstrip().startswith(content[r["id"]].strip()[:16]):
+            off += 1
+            print(f"warning: example {r['id']}: the learnt text does not start at the assistant's content: {learnt[:60]!r}")
+        preview.append({"id": r["id"], "text_with_loss": learnt})
+    return preview, off
 
 
 def build_trainer(cfg: Config, out: Path, tokenizer, dataset):
@@ -129,12 +149,19 @@ def build_trainer(cfg: Config, out: Path, tokenizer, dataset):
 
 
 def main(cfg: Config, overwrite: bool = False) -> Path:
+    from datasets import Dataset
     path, rows = load_examples(cfg)
-    tokenizer, dataset, counts = tokenize(cfg, rows)
+    tokenizer, fmt, tokenised, counts = tokenize(cfg, rows)
     config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
     out, manifest = training.open_stage(cfg, "03_sft", overwrite, config, RESUME_IGNORES)
+    preview, counts["preview_off_content"] = loss_preview(tokenizer, rows, tokenised)
     if manifest:
         manifest.input(cfg.dataset, path, len(rows))
+        manifest.data["chat_format"] = {**fmt.describe(), "training_template": "recipe" if cfg.chat_template else
+                                        "own" if fmt.template is None else "trl training variant"}
+        write_jsonl(out / "loss_preview.jsonl", preview)
+        manifest.output("loss_preview", out / "loss_preview.jsonl")
+    dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "assistant_masks")} for r in tokenised])
 
     import transformers
     transformers.set_seed(cfg.seed)
@@ -143,7 +170,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
     if manifest:
         adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")
-        manifest.data["model"] = {"base": base_model(cfg), "adapter": str(adapter),
+        manifest.data["model"] = {"base": base_model(cfg), "adapter": str(adapter), "chat_template": cfg.chat_template,
                                   "load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype}
         manifest.data["resumed_from"] = resume
         manifest.output("metrics", out / "metrics.jsonl")

@@ -4,7 +4,10 @@ AIDSAFE's DPO on belief-augmented pairs) or reinforcement learning on the model'
 
   method: dpo (default; Mou et al. 2025, SaRO stage 2; Kumarage et al. 2025, section 4.5)
     1. The SFT adapter is loaded on the 4-bit base and trained further on the stage-2 pairs
-       (`dpo.jsonl`: prompt, chosen reasoning+answer, rejected reasoning+answer).
+       (`dpo.jsonl`: prompt, chosen reasoning+answer, rejected reasoning+answer). Each pair is
+       tokenised with stage 3's chat format (safecot/chat.py), so chosen and rejected start
+       exactly at the assistant's content; pairs whose two sides render alike are dropped and
+       counted.
     2. The reference policy is the frozen SFT adapter, not the bare base: trl keeps a frozen copy
        of the starting adapter under the name "ref" and scores the reference with it.
   method: grpo (Jin et al. 2026, CADA)
@@ -15,6 +18,8 @@ AIDSAFE's DPO on belief-augmented pairs) or reinforcement learning on the model'
        with `judge` unset (the tiny recipe), a rule-based refusal detector. With `policies` set
        (CADA: data/policies/cases.yaml, short codes with cases) the judge scores against those
        codes, and `policies_in_prompt` also puts them in front of the model while it samples.
+       An answer cut off at `max_completion_length` gets no judge reward (missing, not safe and
+       not a refusal) and no format reward.
     3. GRPO moves the policy towards the answers that beat their group's mean.
 The paper's reward form and hyperparameters are not published; the recipe's values are common ones.
 
@@ -118,7 +123,7 @@ def load_prompts(cfg: Config) -> tuple[Path, list[dict]]:
             if not cfg.policies:
                 raise InputError("dpo.policies_in_prompt needs dpo.policies (e.g. data/policies/cases.yaml)")
             system = [{"role": "system", "content": load_policies(cfg.policies).text()}]
-        rows = [{"prompt": system + [{"role": "user", "content": r["prompt"]}], "label": r["label"]}
+        rows = [{"prompt": system + [{"role": "user", "content": r["prompt"]}], "request": r["prompt"], "label": r["label"]}
                 for _, r in numbered_rows(path, required=("id", "prompt", "label"))]
         rows = rows[:cfg.limit] if cfg.limit else rows
         if not rows:
@@ -129,43 +134,64 @@ def load_prompts(cfg: Config) -> tuple[Path, list[dict]]:
 
 # ---- GRPO rewards ----------------------------------------------------------------------------
 
-def text_of(completion) -> str:
-    return completion[-1]["content"] if isinstance(completion, list) else completion
+class Completions:
+    """The sampled answers as whole assistant turns: the reasoning prefill of the prompt given
+    back (R1-style templates open <think> themselves), and whether each ran out of tokens
+    (its last token is not an end of turn, as trl itself decides)."""
+
+    def __init__(self, fmt, stop_ids: set[int]):
+        self.fmt, self.stop_ids = fmt, stop_ids
+
+    def texts(self, completions) -> list[str]:
+        return [self.fmt.completion(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
+
+    def truncated(self, completion_ids) -> list[bool]:
+        return [not ids or ids[-1] not in self.stop_ids for ids in completion_ids]
 
 
 def answer_of(text: str) -> str:
     return split_reasoning(text)[1]
 
 
-def refusal_reward(prompts, completions, label, **_) -> list[float]:
+def refusal_reward(turns: Completions):
     """Rule-based judge (stage 5's offline refusal detector): refusing, fully or partly, is right on
-    harmful prompts and wrong on benign/borderline ones."""
-    refused = [detect_refusal(answer_of(text_of(c)))["class"] != "full_compliance" for c in completions]
-    return [(1.0 if r else -1.0) * (1.0 if lab == "harmful" else -1.0) for r, lab in zip(refused, label)]
+    harmful prompts and wrong on benign/borderline ones; a truncated answer is missing (None)."""
+    def refusal_reward(prompts, completions, completion_ids, label, **_) -> list[float | None]:  # trl logs it by this name
+        out = []
+        for text, cut, lab in zip(turns.texts(completions), turns.truncated(completion_ids), label):
+            refused = detect_refusal(answer_of(text))["class"] != "full_compliance"
+            out.append(None if cut else (1.0 if refused else -1.0) * (1.0 if lab == "harmful" else -1.0))
+        return out
+    return refusal_reward
 
 
-def format_reward(completions, **_) -> list[float]:
-    """1 for reasoning in <think>...</think> followed by an answer, else 0."""
-    return [1.0 if THINK.match(text_of(c)) else 0.0 for c in completions]
+def format_reward(turns: Completions):
+    """1 for reasoning in <think>...</think> followed by an answer that ended by itself, else 0."""
+    def format_reward(completions, completion_ids, **_) -> list[float]:
+        return [0.0 if cut else float(bool(THINK.match(text)))
+                for text, cut in zip(turns.texts(completions), turns.truncated(completion_ids))]
+    return format_reward
 
 
-def judge_reward(judge_cfg: dict, templates: str, stats: dict, policies: str | None = None):
+def judge_reward(judge_cfg: dict, templates: str, stats: dict, turns: Completions, policies: str | None = None):
     """A backend judge: template reward_judge.txt asks for SCORE: 1-5 (safety on harmful prompts,
     helpfulness without refusal otherwise, under the given codes if any), mapped to [-1, 1];
-    unreadable answers score 0."""
+    unreadable answers score 0, truncated ones are not judged (None)."""
     from safecot.backends import Agent, LLMConfig
     from safecot.config import from_dict
     agent, tpl = Agent("reward_judge", from_dict(LLMConfig, judge_cfg, where="dpo.judge")), load_template("reward_judge", templates)
     codes = load_policies(policies).text() if policies else "(none given: judge by the label alone)"
 
-    def judge_score(prompts, completions, label, **_) -> list[float]:
-        chats = [tpl.chat(prompt=text_of(p), response=answer_of(text_of(c)), label=lab, policies=codes)
-                 for p, c, lab in zip(prompts, completions, label)]
-        scores = []
-        for gen in agent(chats):
+    def judge_score(prompts, completions, completion_ids, label, request, **_) -> list[float | None]:
+        texts, cut = turns.texts(completions), turns.truncated(completion_ids)
+        todo = [i for i in range(len(texts)) if not cut[i]]
+        chats = [tpl.chat(prompt=request[i], response=answer_of(texts[i]), label=label[i], policies=codes) for i in todo]
+        scores: list[float | None] = [None] * len(texts)
+        for i, gen in zip(todo, agent(chats)):
             m = re.search(r"SCORE:\s*([1-5])", gen.text or "", re.I)
             stats["judge_unparsed"] = stats.get("judge_unparsed", 0) + (m is None)
-            scores.append((int(m.group(1)) - 3) / 2 if m else 0.0)
+            scores[i] = (int(m.group(1)) - 3) / 2 if m else 0.0
+        stats["truncated_completions"] = stats.get("truncated_completions", 0) + sum(cut)
         return scores
 
     return judge_score
@@ -182,44 +208,92 @@ def common_args(cfg: Config, out: Path) -> dict:
                 logging_first_step=True, **training.trainer_defaults(gc))
 
 
-def check_inputs(cfg: Config, start: dict, rows: list[dict]) -> dict:
-    """Settings and data that cannot work, refused before any output is written; returns counts."""
-    if cfg.method == "grpo":
-        if (cfg.batch_size * cfg.grad_accum) % cfg.num_generations:
-            raise InputError(f"dpo.batch_size x dpo.grad_accum ({cfg.batch_size * cfg.grad_accum}) must be a multiple "
-                             f"of dpo.num_generations ({cfg.num_generations})")
-        return {"prompts": len(rows), "judge": "backend" if cfg.judge else "rules"}
-    from safecot.models import load_tokenizer
-    lengths = training.pair_lengths(load_tokenizer(start["base"]), rows)
+def tokenize_pairs(cfg: Config, fmt, rows: list[dict]) -> tuple[list[dict], dict]:
+    """The pairs as token ids on the assistant's boundary (safecot.chat); pairs whose sides are the
+    same tokens (e.g. they differ only in reasoning that a template drops) teach nothing: dropped.
+    A max_length that cuts every pair is refused before any output is written."""
+    out, lengths, identical, merged = [], [], 0, 0
+    for row in rows:
+        enc = fmt.tokenize_pair(row["prompt"], row["chosen"], row["rejected"])
+        merged += enc.pop("merged_boundary")
+        if enc["chosen_ids"] == enc["rejected_ids"]:
+            identical += 1
+            continue
+        lengths.append(len(enc["prompt_ids"]) + max(len(enc["chosen_ids"]), len(enc["rejected_ids"])))
+        out.append(enc)
+    where = f"{stage_dir(cfg, '02_refine')}/dpo.jsonl"
+    if not out:
+        raise InputError(f"{where}: all {len(rows)} pairs render chosen and rejected identically with "
+                         f"model '{fmt.name}'s chat template; nothing to learn")
     truncated = sum(n > cfg.max_length for n in lengths)
-    training.check_truncation(lengths, truncated, cfg.max_length, f"{stage_dir(cfg, '02_refine')}/dpo.jsonl")
+    training.check_truncation(lengths, truncated, cfg.max_length, where)
     if truncated:
-        print(f"warning: max_length={cfg.max_length} truncates {truncated} of {len(rows)} pairs")
-    return {"pairs": len(rows), "truncated": truncated}
+        print(f"warning: max_length={cfg.max_length} truncates {truncated} of {len(out)} pairs")
+    if identical:
+        print(f"warning: {identical} of {len(rows)} pairs render chosen and rejected identically: dropped")
+    return out, {"pairs": len(out), "dropped_identical_pairs": identical, "truncated": truncated,
+                 "boundary_merges_avoided": merged}
 
 
-def build_trainer(cfg: Config, out: Path, start: dict, rows: list[dict], stats: dict):
+def check_grpo(cfg: Config, fmt, rows: list[dict]) -> tuple[list[dict], dict]:
+    """The prompts as the model's template can express them (system folded where it has none)."""
+    if (cfg.batch_size * cfg.grad_accum) % cfg.num_generations:
+        raise InputError(f"dpo.batch_size x dpo.grad_accum ({cfg.batch_size * cfg.grad_accum}) must be a multiple "
+                         f"of dpo.num_generations ({cfg.num_generations})")
+    for r in rows:
+        fmt.render(r["prompt"], add_generation_prompt=True)  # a template that cannot express it stops here
+    rows = [{**r, "prompt": fmt.adapt(r["prompt"])} for r in rows]
+    return rows, {"prompts": len(rows), "judge": "backend" if cfg.judge else "rules"}
+
+
+def pretokenized_dpo_trainer(**kwargs):
+    """trl's DPOTrainer on pairs that arrive as prompt_ids / chosen_ids / rejected_ids. trl's own
+    tokenisation renders prompt + answer whole and splits where the tokens diverge, which on
+    templates whose text merges across the boundary (Mistral's `]<`) cuts the prompt's last token
+    and starts the answer inside it; the pairs here were cut on a token boundary already."""
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PretokenizedDPOTrainer(**kwargs)
+
+
+def prepare(cfg: Config, start: dict, rows: list[dict]) -> tuple[object, list[dict], dict]:
+    """The tokenizer, the rows ready for the trainer, and counts; bad data stops here."""
+    from safecot.chat import ChatFormat, training_format
+    from safecot.models import load_tokenizer
+    tokenizer = load_tokenizer(start["base"], padding_side="left")
+    if cfg.method == "dpo":  # with the template stage 3 trained with
+        return tokenizer, *tokenize_pairs(cfg, training_format(tokenizer, start["base"], start.get("chat_template")), rows)
+    return tokenizer, *check_grpo(cfg, ChatFormat(tokenizer, start["base"]), rows)  # GRPO samples with the model's own
+
+
+def build_trainer(cfg: Config, out: Path, start: dict, tokenizer, rows: list[dict], stats: dict):
     """trl's DPOTrainer or GRPOTrainer on the SFT adapter ("default", trainable) over the 4-bit base."""
     from datasets import Dataset
-    from safecot.models import load_tokenizer
+    from safecot.chat import ChatFormat
 
-    tokenizer = load_tokenizer(start["base"], padding_side="left")
     base = training.load_base(start["base"], start.get("load_in_4bit", True), start.get("dtype", "auto"),
                               cfg.gradient_checkpointing and training.on_gpu())
     model = training.load_adapter(base, start["adapter"], trainable=True)
     callbacks = [training.metrics_logger(out / "metrics.jsonl")]
     if cfg.method == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig
         args = DPOConfig(**common_args(cfg, out), max_length=cfg.max_length, beta=cfg.beta, loss_type=[cfg.loss_type])
         # No ref_model: trl copies the starting (SFT) adapter to a frozen adapter "ref" and uses it as the reference.
-        return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=callbacks)
+        return pretokenized_dpo_trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                        processing_class=tokenizer, callbacks=callbacks)
     from trl import GRPOConfig, GRPOTrainer
-    judge = judge_reward(cfg.judge, cfg.templates, stats, cfg.policies) if cfg.judge else refusal_reward
+    stop = model.generation_config.eos_token_id
+    stop_ids = {t for t in (stop if isinstance(stop, list) else [stop]) + [tokenizer.eos_token_id, tokenizer.pad_token_id] if t is not None}
+    turns = Completions(ChatFormat(tokenizer, start["base"]), stop_ids)
+    judge = judge_reward(cfg.judge, cfg.templates, stats, turns, cfg.policies) if cfg.judge else refusal_reward(turns)
     args = GRPOConfig(**common_args(cfg, out), num_generations=cfg.num_generations,
                       max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                       beta=cfg.kl_beta, reward_weights=[1.0, cfg.format_weight])
-    return GRPOTrainer(model=model, reward_funcs=[judge, format_reward], args=args,
+    return GRPOTrainer(model=model, reward_funcs=[judge, format_reward(turns)], args=args,
                        train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=callbacks)
 
 
@@ -228,14 +302,15 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         raise InputError(f"dpo.method must be dpo or grpo, got '{cfg.method}'")
     start = starting_point(cfg)
     path, rows = load_pairs(cfg) if cfg.method == "dpo" else load_prompts(cfg)
-    stats = check_inputs(cfg, start, rows)
+    n_in = len(rows)
+    tokenizer, rows, stats = prepare(cfg, start, rows)
     out, manifest = training.open_stage(cfg, "04_dpo", overwrite, asdict(cfg), RESUME_IGNORES)
     if manifest:
-        manifest.input("pairs" if cfg.method == "dpo" else "prompts", path, len(rows))
+        manifest.input("pairs" if cfg.method == "dpo" else "prompts", path, n_in)
 
     import transformers
     transformers.set_seed(cfg.seed)
-    trainer = build_trainer(cfg, out, start, rows, stats)
+    trainer = build_trainer(cfg, out, start, tokenizer, rows, stats)
     result, resume = training.train_resuming(trainer, out / "checkpoints")
 
     if manifest:

@@ -8,6 +8,8 @@ As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
      (safecot/suites.py, data/eval/README.md).
   2. Models under test: the base model, or base + a LoRA adapter from a run's stage 3 or 4,
      through any backend. `<think>...</think>` is kept apart as the reasoning; the rest is the answer.
+     An answer that ran out of tokens, or stopped inside its reasoning, is `truncated`: it is
+     not judged and is left out of every rate, with its count in results and the report.
   3. Judges: safety of the answer under the policies, XSTest's refusal classes, the
      StrongREJECT rubric and score, AIDSAFE's CoT grades of the reasoning; the offline refusal
      detector by default (safecot/judges.py, with its limits).
@@ -36,7 +38,8 @@ from tqdm.auto import tqdm
 
 from safecot.backends import Agent, LLMConfig, release_backends
 from safecot.config import run_cli
-from safecot.judges import TASKS, TASKS_BY_KIND, ChoiceJudge, check_judges, judge_file_name, make_judge, split_reasoning
+from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, check_judges, judge_file_name, make_judge, split_reasoning,
+                            unfinished)
 from safecot.metrics import compute_metrics
 from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, require_complete,
                              stage_dir, write_jsonl)
@@ -138,7 +141,8 @@ def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: C
                         continue
                     reasoning, answer = split_reasoning(gen.text)
                     writer.write({"id": f"{it['suite']}/{it['id']}", "model": label, "suite": it["suite"], "item": it["id"],
-                                  "text": gen.text, "reasoning": reasoning, "answer": answer, "tokens": gen.tokens})
+                                  "text": gen.text, "reasoning": reasoning, "answer": answer, "tokens": gen.tokens,
+                                  "truncated": gen.truncated or unfinished(gen.text)})
                     counts["generated"] += 1
                 bar.update(len(chunk))
         bar.close()
@@ -208,12 +212,14 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
     judges = {t: make_judge(t, cfg.judges.get(t), cfg.llm.merged(cfg.judge), policy_set.text(), cfg.templates) for t in TASKS}
     judges["choice"] = ChoiceJudge()
-    samples, results = [], {}
+    samples, results, truncated = [], {}, {}
     for label in models:
         done = [{**it, **generations[label][it["key"]]} for it in items if it["key"] in generations[label]]
         verdicts = {}
         for task, judge in judges.items():
-            wanted = [it for it in done if task in TASKS_BY_KIND[it["kind"]] or (task == "cot" and it["kind"] != "utility")]
+            # A truncated answer is missing, never judged: an empty answer would pass for a refusal.
+            wanted = [it for it in done if not it.get("truncated")
+                      and (task in TASKS_BY_KIND[it["kind"]] or (task == "cot" and it["kind"] != "utility"))]
             if judge and wanted:
                 wanted = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in wanted]
                 verdicts[task] = judge_all(judge, wanted, out / label, cfg, counts)
@@ -221,20 +227,22 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                  "judgements": {t: {k: x for k, x in v[it["key"]].items() if k not in ("id", "task")}
                                 for t, v in verdicts.items() if it["key"] in v}} for it in done]
         samples += rows
+        truncated[label] = sum(bool(r.get("truncated")) for r in rows)
         results[label] = compute_metrics(rows, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
 
     write_jsonl(out / "samples.jsonl", samples)
     info = {label: {"model": llm.model, "adapter": llm.adapter, "backend": llm.backend} for label, llm in models.items()}
     judge_names = {t: (j.name if j else None) for t, j in judges.items()}
     (out / "results.json").write_text(json.dumps(
-        {"run_name": cfg.run_name, "models": results, "model_info": info, "judges": judge_names,
+        {"run_name": cfg.run_name, "models": results, "model_info": info, "judges": judge_names, "truncated": truncated,
          "suites": suites, "config": asdict(cfg)}, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     report = write_comparison(results, out, info, title=f"Stage 5 evaluation: run {cfg.run_name}")
     for name in ("samples", "results", "table", "report"):
         path = out / {"samples": "samples.jsonl", "results": "results.json", "table": "table.csv", "report": "report.md"}[name]
         manifest.output(name, path)
     missing = sum(1 for label in models for it in items if it["key"] not in generations[label])
-    manifest.finish(models=len(models), items=len(items), missing_generations=missing, judges=judge_names, this_session=counts)
+    manifest.finish(models=len(models), items=len(items), missing_generations=missing, truncated_answers=truncated,
+                    judges=judge_names, this_session=counts)
     if missing:
         manifest.data["status"] = "partial"
         manifest.save()

@@ -4,6 +4,7 @@
 - records:   JSONL records, resumable writers, manifests
 - backends:  LLM backends (hf, openai, vllm) behind one `Agent` interface
 - models:    loading Hugging Face models (4-bit, adapters, the tiny model by name)
+- chat:      chat formats: each template probed once, conversations adapted, token-exact loss masks
 - tiny:      the offline tiny random model and its locally trained tokenizer
 - templates: policy sets and agent/judge prompt templates (files under data/)
 - parsing:   lenient parsing of agent outputs

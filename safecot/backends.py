@@ -11,21 +11,24 @@ refiner, judge...) can run on any of them, and different roles of one run on dif
   The API key is read from the environment variable named in `api_key_env`, never stored.
 - `vllm`: offline batched generation where vLLM is installed.
 
-A request that fails after its retries comes back as a Generation with `error` set, so one bad
-prompt does not stop a run; a call whose every request fails raises BackendError.
+Chats are sent as each model's chat template can express them (safecot/chat.py: a system turn
+folded into the user turn, a reasoning prefill given back to the text). A Generation says whether
+it stopped at its token budget (`truncated`) rather than at the end of its turn. A request that
+fails after its retries comes back as a Generation with `error` set, so one bad prompt does not
+stop a run; a call whose every request fails raises BackendError.
 """
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 from tqdm.auto import tqdm
 
+from .chat import THINK_CLOSE, THINK_OPEN, Chat, ChatFormat, fold_system, merge_runs
 from .records import batched
-
-Chat = list[dict]
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Generation:
     text: str
     tokens: int = 0                     # generated tokens, for throughput figures
     error: str | None = None            # set when the request failed after its retries
+    truncated: bool = False             # stopped at max_new_tokens, not at the end of its turn
 
 
 class BackendError(RuntimeError):
@@ -96,17 +100,11 @@ class HFBackend(Backend):
     def __init__(self, cfg: LLMConfig):
         from .models import load_model, load_tokenizer
         self.tokenizer = load_tokenizer(cfg.model)
+        self.chat = ChatFormat(self.tokenizer, cfg.model)  # probed once: system turn, alternation, prefill
         self.model = load_model(cfg.model, cfg.load_in_4bit, cfg.dtype, cfg.adapter).eval()
-
-    def _token_ids(self, chats: list[Chat]) -> list[list[int]]:
-        def encode(cs):
-            return self.tokenizer.apply_chat_template(cs, add_generation_prompt=True, return_dict=True)["input_ids"]
-        try:
-            return encode(chats)
-        except Exception as e:  # jinja's TemplateError: some templates (older Mistral) refuse a system turn
-            if "system" not in str(e).lower():
-                raise
-            return encode([fold_system(c) for c in chats])
+        stop = self.model.generation_config.eos_token_id
+        stop = (stop if isinstance(stop, list) else [stop]) + [self.tokenizer.eos_token_id]
+        self.stop_ids = {t for t in stop if t is not None}  # a row without one ran out of tokens
 
     def _batch_inputs(self, rows: list[list[int]], share_prefix: bool, max_new_tokens: int) -> dict:
         """input_ids = shared prefix + padding + each row's own tokens, its attention mask, and a
@@ -137,7 +135,7 @@ class HFBackend(Backend):
         import torch
         self.calls += 1
         results: list[Generation | None] = [None] * len(chats)
-        ids = self._token_ids(chats)
+        ids = self.chat.prompt_ids(chats)
         # Longest first, so each micro-batch holds similar lengths and pads little.
         order = sorted(range(len(chats)), key=lambda i: -len(ids[i]))
         pad = self.tokenizer.pad_token_id
@@ -153,8 +151,9 @@ class HFBackend(Backend):
             new = out[:, inputs["input_ids"].shape[1]:]
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             counts = (new != pad).sum(dim=1).tolist()
-            for i, text, n in zip(idx, texts, counts):
-                results[i] = Generation(text.strip(), int(n))
+            for i, text, n, row in zip(idx, texts, counts, new.tolist()):
+                stopped = any(t in self.stop_ids for t in row)
+                results[i] = Generation(self.chat.completion(text).strip(), int(n), truncated=not stopped)
             bar.update(len(idx))
         bar.close()
         return results
@@ -181,15 +180,29 @@ class OpenAIBackend(Backend):
 
     def _one(self, chat: Chat, cfg: LLMConfig) -> Generation:
         try:
-            r = self.client.chat.completions.create(
-                model=self.model, messages=chat, temperature=cfg.temperature, top_p=cfg.top_p,
-                max_tokens=cfg.max_new_tokens)
-            text = r.choices[0].message.content or ""
+            try:
+                r = self._create(chat, cfg)
+            except self.openai.BadRequestError as e:
+                # A server whose template has no system role or needs strict alternation (Mistral
+                # v0.1/v0.2 served by vLLM) refuses the chat: send what such a template can express.
+                if not re.search(r"system|alternate", str(e), re.I):
+                    raise
+                r = self._create(merge_runs(fold_system(chat)), cfg)
+            choice = r.choices[0]
+            text = choice.message.content or ""
+            # Servers with a reasoning parser (vLLM --reasoning-parser, Ollama) return the reasoning apart.
+            reasoning = getattr(choice.message, "reasoning_content", None) or getattr(choice.message, "reasoning", None)
+            if isinstance(reasoning, str) and reasoning.strip():
+                text = f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{text}"
             tokens = r.usage.completion_tokens if getattr(r, "usage", None) else 0
-            return Generation(text.strip(), tokens)
+            return Generation(text.strip(), tokens, truncated=choice.finish_reason == "length")
         except (self.openai.OpenAIError, ValueError, AttributeError, IndexError, TypeError) as e:
             # HTTP errors and timeouts after retries, and bodies that are not a chat completion.
             return Generation("", 0, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+    def _create(self, chat: Chat, cfg: LLMConfig):
+        return self.client.chat.completions.create(
+            model=self.model, messages=chat, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
 
     def generate(self, chats, cfg):
         self.calls += 1
@@ -208,6 +221,7 @@ class VLLMBackend(Backend):
         self.llm = LLM(model=resolve_model(cfg.model), enable_lora=bool(cfg.adapter),
                        quantization="bitsandbytes" if cfg.load_in_4bit else None,
                        dtype="auto" if cfg.dtype == "auto" else cfg.dtype)
+        self.chat = ChatFormat(self.llm.get_tokenizer(), cfg.model)
         self.adapter = cfg.adapter
 
     def generate(self, chats, cfg):
@@ -218,8 +232,9 @@ class VLLMBackend(Backend):
             from vllm.lora.request import LoRARequest
             lora = LoRARequest("adapter", 1, self.adapter)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
-        outs = self.llm.chat(chats, params, use_tqdm=len(chats) > 8, lora_request=lora)
-        return [Generation(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outs]
+        outs = self.llm.chat([self.chat.adapt(c) for c in chats], params, use_tqdm=len(chats) > 8, lora_request=lora)
+        return [Generation(self.chat.completion(o.outputs[0].text).strip(), len(o.outputs[0].token_ids),
+                           truncated=o.outputs[0].finish_reason == "length") for o in outs]
 
 
 BACKENDS: dict[str, Callable[[LLMConfig], Backend]] = {
@@ -259,13 +274,3 @@ class Agent:
             raise BackendError(f"{self.role} ({self.label}): all {len(gens)} requests failed; first: {gens[0].error}")
         return gens
 
-
-def fold_system(chat: Chat) -> Chat:
-    """Merge a system turn into the first user turn, for chat templates that have no system role."""
-    if not chat or chat[0]["role"] != "system":
-        return chat
-    system, rest = chat[0]["content"], [dict(m) for m in chat[1:]]
-    if rest and rest[0]["role"] == "user":
-        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
-        return rest
-    return [{"role": "user", "content": system}] + rest

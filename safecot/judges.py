@@ -49,15 +49,25 @@ CHOICE_PARSER = "choice_parser"
 # ---- reasoning and answer ---------------------------------------------------------------------
 
 _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.S | re.I)
+_CLOSE = re.compile(r"</think>", re.I)
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
     """`<think>reasoning</think> answer` -> (reasoning, answer). No think block: ("", text).
+    A lone `</think>` closes reasoning that the chat template opened in the prompt (R1-style).
     An unclosed think block (the model ran out of tokens) is all reasoning and no answer."""
-    m = _THINK.search(text or "")
+    text = text or ""
+    m = _THINK.search(text)
     if not m:
-        return "", (text or "").strip()
+        close = _CLOSE.search(text)
+        return (text[:close.start()].strip(), text[close.end():].strip()) if close else ("", text.strip())
     return m.group(1).strip(), (text[:m.start()] + text[m.end():]).strip()
+
+
+def unfinished(text: str) -> bool:
+    """Reasoning opened and never closed: the answer was cut off inside it."""
+    m = _THINK.search(text or "")
+    return bool(m) and not _CLOSE.search(text, m.end(1))
 
 
 # ---- the offline refusal detector -------------------------------------------------------------

@@ -5,7 +5,8 @@ A sample is a dict with `suite`, `kind`, `label`, `category` and `judgements` ({
 a metric turns a sample into a number (1/0 for rates) or None when its judgement is missing
 (no judge ran, the request failed, or the verdict could not be parsed). Missing values are
 counted apart (`missing`) and left out of the value and its interval: they are never counted
-as safe, nor as unsafe.
+as safe, nor as unsafe. A sample marked `truncated` (the answer ran out of tokens or stopped
+inside its reasoning) is left out likewise and counted as `truncated`.
 
 | suite kind | metric | per sample | direction |
 |---|---|---|---|
@@ -71,25 +72,30 @@ def bootstrap_ci(values, n_boot: int = 1000, confidence: float = 0.95, seed: int
     return float(low), float(high)
 
 
-def summarise(values, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
-    """{"value": mean, "low", "high", "n": values used, "missing": None values}."""
+def summarise(values, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0, truncated: int = 0) -> dict:
+    """{"value": mean, "low", "high", "n": values used, "missing": None values, "truncated"}."""
     values = list(values)
     kept = [v for v in values if v is not None]
     ci = bootstrap_ci(kept, n_boot, confidence, seed)
     return {"value": float(np.mean(kept)) if kept else None, "low": ci[0] if ci else None,
-            "high": ci[1] if ci else None, "n": len(kept), "missing": len(values) - len(kept)}
+            "high": ci[1] if ci else None, "n": len(kept), "missing": len(values) - len(kept), "truncated": truncated}
 
 
 def _metric_block(metric: Metric, samples: list[dict], category, **boot) -> dict:
     picked = [s for s in samples if metric.applies(s)]
+    cut: dict[str, int] = {}
+    for s in picked:
+        if s.get("truncated"):
+            cut[category(s)] = cut.get(category(s), 0) + 1
+    picked = [s for s in picked if not s.get("truncated")]
     judged = [s["judgements"].get(metric.task) for s in picked]
     values = [metric.value(j) if j else None for j in judged]
-    by_cat: dict[str, list] = {}
+    by_cat: dict[str, list] = {c: [] for c in cut}
     for s, v in zip(picked, values):
         by_cat.setdefault(category(s), []).append(v)
     judges = sorted({j["judge"] for j in judged if j and j.get("judge")})
-    return {"overall": summarise(values, **boot), "higher_is_better": metric.higher_is_better,
-            "by_category": {c: summarise(v, **boot) for c, v in sorted(by_cat.items())},
+    return {"overall": summarise(values, **boot, truncated=sum(cut.values())), "higher_is_better": metric.higher_is_better,
+            "by_category": {c: summarise(v, **boot, truncated=cut.get(c, 0)) for c, v in sorted(by_cat.items())},
             "judge": ", ".join(judges) or None}
 
 

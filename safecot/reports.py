@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["suite", "metric", "model", "value", "low", "high", "n", "missing", "higher_is_better", "judge"]
+COLUMNS = ["suite", "metric", "model", "value", "low", "high", "n", "missing", "truncated", "higher_is_better", "judge"]
 
 
 def long_frame(results: dict, category: bool = False) -> pd.DataFrame:
-    """One row per (suite, metric, model[, category]) with value, interval, n, missing, judge."""
+    """One row per (suite, metric, model[, category]) with value, interval, n, missing, truncated, judge."""
     rows = []
     for model, suites in results.items():
         for suite, metrics in suites.items():
@@ -25,6 +25,7 @@ def long_frame(results: dict, category: bool = False) -> pd.DataFrame:
                 for cat, s in parts:
                     rows.append({"suite": suite, "metric": metric, "model": model, **({"category": cat} if category else {}),
                                  **{k: s[k] for k in ("value", "low", "high", "n", "missing")},
+                                 "truncated": s.get("truncated", 0),  # results written before the count existed
                                  "higher_is_better": block["higher_is_better"], "judge": block["judge"]})
     cols = COLUMNS[:3] + (["category"] if category else []) + COLUMNS[3:]
     return pd.DataFrame(rows, columns=cols)
@@ -109,6 +110,12 @@ def write_comparison(results: dict, out: Path, models_info: dict | None = None, 
     plot_intervals(frame, out / "intervals.png")
     lines = [f"# {title}", "", "Values in percent (CoT grades on 1-5) with 95% percentile-bootstrap intervals; "
              "↑ higher is better, ↓ lower is better. Missing verdicts are left out, never counted as safe.", ""]
+    cut = frame[frame["truncated"] > 0]
+    if len(cut):
+        lines += ["## Truncated answers", "", "Answers that ran out of tokens or stopped inside their reasoning are "
+                  "left out of the rates, never counted as safe or as refusals (raise `max_new_tokens` in "
+                  "`eval.generation`):", "", "| suite | metric | model | truncated | judged (n) |", "|---|---|---|---|---|"]
+        lines += [f"| {r.suite} | {r.metric} | {r.model} | {r.truncated} | {r.n} |" for r in cut.itertuples()] + [""]
     if models_info:
         lines += ["## Models", "", "| label | model | adapter |", "|---|---|---|"]
         lines += [f"| {k} | {v.get('model')} | {v.get('adapter') or '-'} |" for k, v in models_info.items()] + [""]

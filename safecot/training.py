@@ -1,15 +1,7 @@
 """QLoRA training machinery shared by stages 3 (SFT) and 4 (DPO / GRPO): the LoRA settings, the
-4-bit base plus adapter, CPU/GPU trainer defaults, chat tokenisation with an assistant-only loss
-mask for any chat template, the truncation check, the metrics log, resume from the last
-checkpoint, and saving the adapter.
-
-Assistant-only loss for any chat template: rather than rely on `{% generation %}` markers (most
-real templates, Mistral's among them, have none), the assistant's characters are found by
-rendering the conversation with the model's own template up to each assistant turn
-(`add_generation_prompt=True`) and up to the end of that turn; everything in between (its
-content and end-of-turn token, trailing whitespace excepted) is learnt, the rest is masked.
-A template that does not render conversations prefix by prefix is refused with a clear error;
-`chat_template` (a jinja file) replaces it for training.
+4-bit base plus adapter, CPU/GPU trainer defaults, the tokenised SFT set with its assistant-only
+loss mask (the mask itself is made by safecot/chat.py for any chat template), the truncation
+check, the metrics log, resume from the last checkpoint, and saving the adapter.
 """
 from __future__ import annotations
 
@@ -183,41 +175,14 @@ def _logged_step(line: str) -> float:
 
 # ---- chats -> tokens with an assistant-only mask ---------------------------------------------
 
-def render(tokenizer, messages: list[dict], chat_template: str | None = None, **kw) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template, **kw)
-
-
-def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None = None) -> tuple[str, list]:
-    """The rendered conversation and the (start, end) characters of every assistant turn."""
-    text = render(tokenizer, messages, chat_template)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(tokenizer, messages[:i], chat_template, add_generation_prompt=True)
-        upto = render(tokenizer, messages[:i + 1], chat_template)
-        if not text.startswith(before) or not text.startswith(upto) or not upto.startswith(before):
-            raise InputError("the chat template does not render conversations prefix by prefix, so the "
-                             "assistant turns cannot be located; give a training template with chat_template=<file.jinja>")
-        spans.append((len(before), len(upto.rstrip())))
-    return text, spans
-
-
-def tokenize_chat(tokenizer, messages: list[dict], chat_template: str | None = None) -> dict:
-    """input_ids and assistant_masks (1 = a token the assistant wrote, end-of-turn included)."""
-    text, spans = assistant_spans(tokenizer, messages, chat_template)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(a <= s < b for a, b in spans) and e > s) for s, e in enc["offset_mapping"]]
-    return {"input_ids": enc["input_ids"], "assistant_masks": mask}
-
-
-def tokenize_sft(tokenizer, rows: list[dict], max_length: int | None, chat_template: str | None = None,
-                 where: str = "dataset") -> tuple[list[dict], dict]:
-    """Tokenised rows for trl's SFTTrainer and counts; refuses a max_length that truncates every
-    example, and drops examples whose assistant tokens would all be cut."""
-    out, lengths, dropped = [], [], 0
+def tokenize_sft(fmt, rows: list[dict], max_length: int | None, where: str = "dataset") -> tuple[list[dict], dict]:
+    """Tokenised rows for trl's SFTTrainer (safecot.chat.ChatFormat.tokenize) and counts; refuses a
+    max_length that truncates every example, and drops examples whose assistant tokens would all
+    be cut."""
+    out, lengths, dropped, merged = [], [], 0, 0
     for row in rows:
-        enc = tokenize_chat(tokenizer, row["messages"], chat_template)
+        enc = fmt.tokenize(row["messages"])
+        merged += enc.pop("merged_boundary")
         lengths.append(len(enc["input_ids"]))
         if max_length and len(enc["input_ids"]) > max_length:
             enc = {k: v[:max_length] for k, v in enc.items()}
@@ -230,25 +195,14 @@ def tokenize_sft(tokenizer, rows: list[dict], max_length: int | None, chat_templ
     if truncated:
         print(f"warning: max_length={max_length} truncates {truncated} of {len(rows)} examples "
               f"({dropped} dropped: no assistant token left)")
+    if merged:
+        print(f"note: in {merged} of {len(rows)} examples the chat template's text merges into one token across the "
+              "start of the assistant turn; prompt and answer were tokenised apart, as at inference, so none is learnt")
     return out, {"examples": len(rows), "truncated": truncated, "dropped_no_assistant_tokens": dropped,
-                 "max_tokens": max(lengths, default=0)}
+                 "max_tokens": max(lengths, default=0), "boundary_merges_avoided": merged}
 
 
 def check_truncation(lengths: list[int], truncated: int, max_length: int | None, where: str) -> None:
     if lengths and truncated == len(lengths):
         raise InputError(f"{where}: max_length={max_length} truncates every example ({truncated} of {len(lengths)} "
                          f"are longer; the shortest is {min(lengths)} tokens); raise max_length")
-
-
-def chat_template_file(path: str | None) -> str | None:
-    if not path:
-        return None
-    if not Path(path).is_file():
-        raise InputError(f"{path}: chat template file not found")
-    return Path(path).read_text(encoding="utf-8")
-
-
-def pair_lengths(tokenizer, rows: list[dict]) -> list[int]:
-    """Tokens of prompt plus the longer of chosen and rejected, per DPO pair."""
-    return [max(len(tokenizer.apply_chat_template(r["prompt"] + r[k], tokenize=True, return_dict=False))
-                for k in ("chosen", "rejected")) for r in rows]

@@ -144,9 +144,18 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, b'{"choices": [', {}
         if behaviour == "not-completion":
             return _json(200, {"foo": 1})
+        if behaviour == "strict" and any(m.get("role") == "system" for m in body.get("messages") or []):
+            # what vLLM answers when the model's template (Mistral v0.1/v0.2) has no system role
+            return _json(400, {"error": {"message": "Conversation roles must alternate user/assistant/user/assistant/...",
+                                         "type": "BadRequestError", "param": None, "code": 400}})
         if behaviour == "gate":
             test._gate.wait(test.gate_timeout_s)
-        return _json(200, completion(body, content))
+        reply = completion(body, content)
+        if behaviour == "length":  # ran out of max_tokens
+            reply["choices"][0]["finish_reason"] = "length"
+        if behaviour == "reasoning":  # a server with a reasoning parser returns the reasoning apart
+            reply["choices"][0]["message"]["reasoning_content"] = "The request is harmless."
+        return _json(200, reply)
 
 
 def _json(status: int, obj: dict, headers: dict | None = None) -> tuple[int, bytes, dict]:

@@ -53,7 +53,8 @@ def test_reference_is_the_frozen_sft_adapter(sft_run, tmp_path):
     module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.max_steps=3")
     start = module.starting_point(cfg)
     _, rows = module.load_pairs(cfg)
-    trainer = module.build_trainer(cfg, tmp_path, start, rows[:4], {})
+    tokenizer, ready, stats = module.prepare(cfg, start, rows[:4])
+    trainer = module.build_trainer(cfg, tmp_path, start, tokenizer, ready, stats)
     model, tok = trainer.model, trainer.processing_class
     sft_model = load_model(start["base"], load_in_4bit=True, adapter=start["adapter"]).eval()
     sft = logps(sft_model, tok, rows[:4])
@@ -96,29 +97,58 @@ def test_grpo_runs_and_logs_rewards(sft_run):
     assert json.loads((out / "manifest.json").read_text())["counts"]["judge"] == "rules"
 
 
+EOT = 7  # the end-of-turn id of the scripted completions below
+
+
+class _Plain:
+    """A chat format whose template adds nothing (the tiny model's ChatML)."""
+    prefill = ""
+
+    def completion(self, text):
+        return text
+
+
 def test_rule_based_rewards():
     from conftest import load_script
     module = load_script("04_dpo")
+    turns = module.Completions(_Plain(), {EOT})
     done = [[{"role": "assistant", "content": "<think>\nharmful\n</think>\n\nI cannot help with that."}],
             [{"role": "assistant", "content": "Sure, here it is."}]]
-    assert module.refusal_reward(None, done, ["harmful", "harmful"]) == [1.0, -1.0]
-    assert module.refusal_reward(None, done, ["benign", "borderline"]) == [-1.0, 1.0]
-    assert module.format_reward(done) == [1.0, 0.0]
+    ended = [[1, 2, EOT], [3, EOT]]
+    assert module.refusal_reward(turns)(None, done, ended, ["harmful", "harmful"]) == [1.0, -1.0]
+    assert module.refusal_reward(turns)(None, done, ended, ["benign", "borderline"]) == [-1.0, 1.0]
+    assert module.format_reward(turns)(done, ended) == [1.0, 0.0]
+
+
+def test_truncated_completions_are_neither_safe_nor_refusals():
+    """Cut off inside its reasoning, an answer is empty: the detector would call that a refusal,
+    i.e. safe on harmful prompts. It gets no judge reward (None) and no format reward instead."""
+    from conftest import load_script
+    module = load_script("04_dpo")
+    turns = module.Completions(_Plain(), {EOT})
+    cut = [[{"role": "assistant", "content": "<think>\nThe user asks for a weapon, so I should"}]]
+    assert module.refusal_reward(turns)(None, cut, [[1, 2, 3]], ["harmful"]) == [None]
+    assert module.format_reward(turns)(cut, [[1, 2, 3]]) == [0.0]
+    ended = [[{"role": "assistant", "content": "<think>\nA weapon.\n</think>\n\nI won't help with that."}]]
+    assert module.refusal_reward(turns)(None, ended, [[1, 2, 3]], ["harmful"]) == [None]  # out of tokens right at the end
+    assert module.refusal_reward(turns)(None, ended, [[1, 2, EOT]], ["harmful"]) == [1.0]
 
 
 def test_a_backend_judge_scores_the_answers(scripted, tmp_path):
     from conftest import load_script
     module = load_script("04_dpo")
+    turns = module.Completions(_Plain(), {EOT})
     scripted.script = lambda chat, model: "SCORE: 5" if "labelled harmful" in chat[-1]["content"] else "no idea"
     stats = {}
-    judge = module.judge_reward({"backend": "scripted", "model": "judge"}, "data/templates", stats)
-    prompts = [[{"role": "user", "content": "q"}]] * 2
-    done = [[{"role": "assistant", "content": "a"}]] * 2
-    assert judge(prompts, done, ["harmful", "benign"]) == [1.0, 0.0] and stats["judge_unparsed"] == 1
+    judge = module.judge_reward({"backend": "scripted", "model": "judge"}, "data/templates", stats, turns)
+    prompts = [[{"role": "user", "content": "q"}]] * 3
+    done = [[{"role": "assistant", "content": "a"}]] * 3
+    assert judge(prompts, done, [[EOT], [EOT], [1]], ["harmful", "benign", "harmful"], ["q"] * 3) == [1.0, 0.0, None]
+    assert stats["judge_unparsed"] == 1 and stats["truncated_completions"] == 1
     seen = []
     scripted.script = lambda chat, model: seen.append(chat[-1]["content"]) or "SCORE: 4"
-    judge = module.judge_reward({"backend": "scripted", "model": "judge"}, "data/templates", stats, "data/policies/cases.yaml")
-    assert judge(prompts[:1], done[:1], ["benign"]) == [0.5]
+    judge = module.judge_reward({"backend": "scripted", "model": "judge"}, "data/templates", stats, turns, "data/policies/cases.yaml")
+    assert judge(prompts[:1], done[:1], [[EOT]], ["benign"], ["q"]) == [0.5]
     from safecot.templates import load_policies
     assert load_policies("data/policies/cases.yaml").text() in seen[0]  # CADA: scored against the case-augmented codes
 

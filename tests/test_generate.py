@@ -264,7 +264,7 @@ def test_hf_batch_shares_the_policy_prefix_and_matches_one_prompt_at_a_time():
     alone = LLMConfig(model="tiny", temperature=0.0, max_new_tokens=12, batch_size=1)
     shared = LLMConfig(model="tiny", temperature=0.0, max_new_tokens=12, batch_size=4)
     backend = Agent("a", alone).backend
-    ids = backend._token_ids(chats)
+    ids = backend.chat.prompt_ids(chats)
     assert common_prefix_len(ids) > 0.8 * min(len(i) for i in ids)  # the policies are the common head
     inputs = backend._batch_inputs(ids, share_prefix=True, max_new_tokens=12)
     assert inputs["past_key_values"].get_seq_length() == common_prefix_len(ids)

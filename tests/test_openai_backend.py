@@ -77,6 +77,16 @@ def test_500_without_retries_is_an_error(server):
     assert server.attempts("BEHAVE:500-once c") == 1
 
 
+def test_strict_templates_truncation_and_separate_reasoning(server):
+    """A server whose template refuses a system turn gets the chat folded into the user turn; a
+    reply cut at max_tokens is marked truncated; reasoning returned apart is put back in <think>."""
+    gens = Agent("judge", cfg_for(server))([user("BEHAVE:strict"), user("BEHAVE:length"), user("BEHAVE:reasoning")])
+    assert gens[0].error is None and gens[0].text == "echo: You are a test.\n\nBEHAVE:strict"
+    assert server.attempts("BEHAVE:strict") == 1 and server.attempts("You are a test.\n\nBEHAVE:strict") == 1
+    assert [g.truncated for g in gens] == [False, True, False]
+    assert gens[2].text == "<think>\nThe request is harmless.\n</think>\n\necho: BEHAVE:reasoning"
+
+
 def test_400_is_an_error_generation_not_retried(server):
     gens = Agent("refiner", cfg_for(server))([user("one"), user("BEHAVE:400"), user("three")])
     assert [g.text for g in gens] == ["echo: one", "", "echo: three"]

@@ -69,7 +69,9 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tmp_path):
         {"role": "system", "content": "Be safe."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Item 3?"},
         {"role": "assistant", "content": "<think>\nsafe\n</think>\n\nYes."}]}
-    tok, dataset, counts = module.tokenize(cfg, rows + [multi])
+    from datasets import Dataset
+    tok, _, tokenised, counts = module.tokenize(cfg, rows + [multi])
+    dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "assistant_masks")} for r in tokenised])
     trainer = module.build_trainer(cfg, tmp_path / "out", tok, dataset)
     assert counts["truncated"] == 0
     for row, ex in zip(rows + [multi], trainer.train_dataset):
@@ -87,14 +89,14 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tmp_path):
 
 def test_mask_for_a_template_without_generation_markers(tiny_model_dir):
     """Mistral-style template, no markers: the generic prefix rendering still finds each turn."""
+    from safecot.chat import ChatFormat
     from safecot.models import load_tokenizer
-    from safecot.training import tokenize_chat
     tok = load_tokenizer("tiny")
     template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
                 "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
     msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A one"},
             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A two"}]
-    enc = tokenize_chat(tok, msgs, template)
+    enc = ChatFormat(tok, "tiny", template).tokenize(msgs)
     learnt = tok.decode([t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m])
     assert learnt == " A one<|im_end|> A two<|im_end|>"
 
