@@ -274,6 +274,7 @@ def build_trainer(cfg: Config, out: Path, start: dict, tokenizer, rows: list[dic
     """trl's DPOTrainer or GRPOTrainer on the SFT adapter ("default", trainable) over the 4-bit base."""
     from datasets import Dataset
     from safecot.chat import ChatFormat
+    from safecot.models import stop_token_ids
 
     base = training.load_base(start["base"], start.get("load_in_4bit", True), start.get("dtype", "auto"),
                               cfg.gradient_checkpointing and training.on_gpu())
@@ -286,9 +287,8 @@ def build_trainer(cfg: Config, out: Path, start: dict, tokenizer, rows: list[dic
         return pretokenized_dpo_trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                         processing_class=tokenizer, callbacks=callbacks)
     from trl import GRPOConfig, GRPOTrainer
-    stop = model.generation_config.eos_token_id
-    stop_ids = {t for t in (stop if isinstance(stop, list) else [stop]) + [tokenizer.eos_token_id, tokenizer.pad_token_id] if t is not None}
-    turns = Completions(ChatFormat(tokenizer, start["base"]), stop_ids)
+    stop = stop_token_ids(model, tokenizer) | {tokenizer.pad_token_id} - {None}  # as trl decides truncation
+    turns = Completions(ChatFormat(tokenizer, start["base"]), stop)
     judge = judge_reward(cfg.judge, cfg.templates, stats, turns, cfg.policies) if cfg.judge else refusal_reward(turns)
     args = GRPOConfig(**common_args(cfg, out), num_generations=cfg.num_generations,
                       max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,

@@ -98,13 +98,11 @@ class HFBackend(Backend):
     MIN_SHARED = 16                     # shorter common prefixes are not worth a separate pass
 
     def __init__(self, cfg: LLMConfig):
-        from .models import load_model, load_tokenizer
+        from .models import load_model, load_tokenizer, stop_token_ids
         self.tokenizer = load_tokenizer(cfg.model)
         self.chat = ChatFormat(self.tokenizer, cfg.model)  # probed once: system turn, alternation, prefill
         self.model = load_model(cfg.model, cfg.load_in_4bit, cfg.dtype, cfg.adapter).eval()
-        stop = self.model.generation_config.eos_token_id
-        stop = (stop if isinstance(stop, list) else [stop]) + [self.tokenizer.eos_token_id]
-        self.stop_ids = {t for t in stop if t is not None}  # a row without one ran out of tokens
+        self.stop_ids = stop_token_ids(self.model, self.tokenizer)
 
     def _batch_inputs(self, rows: list[list[int]], share_prefix: bool, max_new_tokens: int) -> dict:
         """input_ids = shared prefix + padding + each row's own tokens, its attention mask, and a

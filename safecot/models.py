@@ -89,6 +89,13 @@ def load_model(name: str, load_in_4bit: bool = False, dtype: str = "auto", adapt
     return model
 
 
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a turn: a generation without one ran out of its token budget."""
+    stop = model.generation_config.eos_token_id
+    stop = (stop if isinstance(stop, list) else [stop]) + [tokenizer.eos_token_id]
+    return {t for t in stop if t is not None}
+
+
 def _not_found(name: str, err: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = " (HF_HUB_OFFLINE=1: only local folders and cached models load)" if offline else ""
