@@ -5,30 +5,41 @@ As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
   1. Suites: harmful prompts (BeaverTails, WildChat), jailbreaks (StrongREJECT prompts wrapped
      in jailbreak templates), over-refusal (XSTest safe prompts and unsafe contrasts), utility
      (MMLU). Offline sets written for this project stand in for them in the tiny recipe
-     (safecot/suites.py, data/eval/README.md).
+     (safecot/suites.py, data/eval/README.md). Each suite's `train_overlap` counts its prompts
+     that the run's own stage 1 trained on.
   2. Models under test: the base model, or base + a LoRA adapter from a run's stage 3 or 4,
      through any backend. `<think>...</think>` is kept apart as the reasoning; the rest is the answer.
      An answer that ran out of tokens, or stopped inside its reasoning, is `truncated`: it is
      not judged and is left out of every rate, with its count in results and the report.
   3. Judges: safety of the answer under the policies, XSTest's refusal classes, the
      StrongREJECT rubric and score, AIDSAFE's CoT grades of the reasoning; the offline refusal
-     detector by default (safecot/judges.py, with its limits).
+     detector by default (safecot/judges.py, with its limits). An LLM judge is `eval.judge`, a
+     model other than the ones under test: a model grading its own answers is refused unless
+     `eval.allow_self_judge: true`, and the report then says so.
+  3b. Judge checks: `judge_check` suites hold answers labelled by people; every judge of their
+     task (and the offline detector beside it) is measured against them: agreement, precision,
+     recall with intervals (05_eval/judge_checks.json and the report), so the numbers above come
+     with how far their judges can be trusted.
   4. Metrics with 95% bootstrap intervals, overall and per category (safecot/metrics.py), and
      the comparison table and figure (safecot/reports.py).
 
     python 05_eval.py --config configs/tiny.yaml
     python 05_eval.py --config configs/qwen2.5-7b.yaml "eval.models=[{label: base}]"
     python 05_eval.py --config configs/qwen2.5-7b.yaml eval.judges.cot=llm eval.judge="{model: Qwen/Qwen2.5-72B-Instruct, backend: openai, base_url: http://localhost:8000/v1}"
+    python 05_eval.py --config configs/tiny.yaml "eval.suites=[refusal_check]" "eval.models=[]"
     python 05_eval.py --config configs/tiny.yaml run_name=cmp "eval.compare=[data/runs/a, data/runs/b]"
 
-Writes data/runs/<run_name>/05_eval/: <label>/generations.jsonl (cached by suite/id) and
-<label>/judgements/<task>--<judge>.jsonl (cached per judge), samples.jsonl, results.json,
-table.md, table.csv, by_category.csv, intervals.png, report.md, manifest.json. With
-`compare`, the same tables for every model of the listed runs go to 05_eval/compare/.
+Writes data/runs/<run_name>/05_eval/: <label>/generations.jsonl and
+<label>/judgements/<task>--<judge>.jsonl (cached by a hash of what was sent: an edited prompt or
+template is generated and judged again), samples.jsonl, results.json, table.md, table.csv,
+by_category.csv, intervals.png, judge_checks.json, report.md, manifest.json (with the hash of
+every suite source and template folder). With `compare`, the same tables for every model of the
+listed runs go to 05_eval/compare/.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -38,13 +49,13 @@ from tqdm.auto import tqdm
 
 from safecot.backends import Agent, LLMConfig, release_backends
 from safecot.config import run_cli
-from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, check_judges, judge_file_name, make_judge, split_reasoning,
-                            unfinished)
-from safecot.metrics import compute_metrics
-from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, require_complete,
+from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, DetectorJudge, check_judges, judge_file_name, make_judge,
+                            split_reasoning, unfinished)
+from safecot.metrics import compute_metrics, judge_agreement, verdict_label
+from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, read_jsonl, require_complete,
                              stage_dir, write_jsonl)
 from safecot.reports import load_results, write_comparison
-from safecot.suites import load_suite, suite_spec
+from safecot.suites import load_suite, source_text, suite_spec
 from safecot.templates import load_policies
 
 
@@ -56,14 +67,16 @@ class Config:
     llm: LLMConfig = field(default_factory=LLMConfig)  # the base model, and every LLM judge unless overridden
     models: list = field(default_factory=lambda: [{"label": "base"}])  # {label, llm: {overrides}, adapter: folder | from_run: <run>/03_sft}
     suites: list = field(default_factory=lambda: ["harmful", "jailbreak", "xstest", "mmlu"])  # names or mappings (safecot/suites.py)
-    limit: int | None = None            # first N source rows of every suite
+    limit: int | None = None            # first N source rows of every suite (judge checks: their own limit only) ...
+    sample: int | None = None           # ... or N drawn at random (seeded, even over categories)
     generation: dict = field(default_factory=lambda: {"temperature": 0.0})  # LLM overrides for every model under test
     system_prompt: str = ""             # a system turn for the models under test ("" = none)
     judges: dict = field(default_factory=lambda: {"safety": "detector", "refusal": "detector",
                                                   "strongreject": "detector", "cot": "none"})  # per task: detector | llm | none | {LLM overrides}
-    judge: dict = field(default_factory=lambda: {"temperature": 0.0})  # LLM overrides for every LLM judge
+    judge: dict = field(default_factory=lambda: {"temperature": 0.0})  # the LLM judge: settings over `llm`; name another model
+    allow_self_judge: bool = False      # let a model under test judge itself (biased; the report says so)
     policies: str = "data/policies/detailed.yaml"  # what the safety and CoT judges judge against
-    templates: str = "data/templates"   # judge_*.txt, grade_cot.txt, mmlu_question.txt
+    judge_templates: str = "data/templates"   # judge_*.txt, grade_cot.txt, mmlu_question.txt (not a suite's jailbreak `templates`)
     chunk_size: int = 64                # items generated or judged together and saved together
     bootstrap_samples: int = 1000       # resamples per interval
     confidence: float = 0.95            # interval coverage
@@ -126,21 +139,25 @@ def check_model_folder(folder: Path, label: str, llm: LLMConfig, system_prompt: 
     path.write_text(json.dumps(spec, indent=2))
 
 
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
+
+
 def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: Config, counts: dict) -> dict:
-    """Generations cached by suite/id: only what is not on disk is generated, in batched chunks."""
+    """Generations cached under `key`, which hashes the chat sent: only what is not on disk is
+    generated, in batched chunks; an edited prompt or template has a new key."""
     writer = RecordWriter(folder / "generations.jsonl")
-    todo = [it for it in items if f"{it['suite']}/{it['id']}" not in writer.done]
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    todo = [it for it in items if it["key"] not in writer.done]
     if todo:
         agent, bar = Agent(f"model_{label}", llm), tqdm(total=len(todo), desc=f"05_eval {label}: generate", unit="item")
         with writer:
             for chunk in batched(todo, cfg.chunk_size):
-                for it, gen in zip(chunk, agent([system + [{"role": "user", "content": it["prompt"]}] for it in chunk])):
+                for it, gen in zip(chunk, agent([it["chat"] for it in chunk])):
                     if gen.error:  # left for the next run
                         counts["generation_errors"] += 1
                         continue
                     reasoning, answer = split_reasoning(gen.text)
-                    writer.write({"id": f"{it['suite']}/{it['id']}", "model": label, "suite": it["suite"], "item": it["id"],
+                    writer.write({"id": it["key"], "model": label, "suite": it["suite"], "item": it["id"], "chat": it["chat"],
                                   "text": gen.text, "reasoning": reasoning, "answer": answer, "tokens": gen.tokens,
                                   "truncated": gen.truncated or unfinished(gen.text)})
                     counts["generated"] += 1
@@ -152,19 +169,84 @@ def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: C
 
 
 def judge_all(judge, items: list[dict], folder: Path, cfg: Config, counts: dict) -> dict:
-    """Judgements cached per (task, judge, judge settings): a new or edited judge judges everything,
-    an unchanged one nothing."""
+    """Verdicts cached per (task, judge, judge settings) file and, inside it, under a hash of what
+    the judge reads (request, reasoning, answer): a new or edited judge judges everything, an
+    unchanged one only what changed. -> {item key: verdict}."""
     writer = RecordWriter(folder / "judgements" / judge_file_name(judge))
-    todo = [it for it in items if it["key"] not in writer.done]
+    keys = {it["key"]: f"{it['key']}#{digest([it['prompt'], it.get('reasoning', ''), it['answer']])}" for it in items}
+    todo = [it for it in items if keys[it["key"]] not in writer.done]
     with writer:
         for chunk in tqdm(list(batched(todo, cfg.chunk_size)), desc=f"  judge {judge.task}", leave=False, disable=not todo):
             for it, verdict in zip(chunk, judge(chunk)):
                 if verdict.get("error"):
                     counts["judge_errors"] += 1
                     continue
-                writer.write({"id": it["key"], "task": judge.task, **verdict})
+                writer.write({"id": keys[it["key"]], "task": judge.task, **verdict})
                 counts["judged"] += 1
-    return writer.done
+    return {k: writer.done[v] for k, v in keys.items() if v in writer.done}
+
+
+def self_judged(cfg: Config, models: dict[str, LLMConfig]) -> dict[str, list[str]]:
+    """{task: labels of models under test whose own base model is that task's LLM judge}."""
+    out, judge_of = {}, {}
+    for task in TASKS:
+        spec = cfg.judges.get(task)
+        if spec == "llm" or isinstance(spec, dict):
+            judge_of[task] = cfg.llm.merged(cfg.judge).merged(spec if isinstance(spec, dict) else None).model
+            labels = [label for label, llm in models.items() if llm.model == judge_of[task]]
+            if labels:
+                out[task] = labels
+    if out and not cfg.allow_self_judge:
+        task, labels = next(iter(out.items()))
+        raise InputError(f"eval.judges.{task}: the judge ({judge_of[task]}) is the model under test "
+                         f"({', '.join(labels)}) and would grade its own answers; name another model in eval.judge "
+                         "(a larger served model, or a safety classifier), or set eval.allow_self_judge: true")
+    return out
+
+
+def check_judges_on_labels(checks: list[dict], judges: dict, out: Path, cfg: Config, counts: dict) -> dict:
+    """Every judge of a judge check's task, and the offline detector beside it, against the gold
+    labels: {suite: {judge: agreement, precision, recall, confusion, ...}}."""
+    results = {}
+    for suite in dict.fromkeys(it["suite"] for it in checks):
+        rows = [it for it in checks if it["suite"] == suite]
+        task = rows[0]["task"]
+        candidates = [j for j in (judges.get(task), DetectorJudge(task)) if j]
+        results[suite] = {"task": task, "n": len(rows), "judges": {}}
+        for judge in dict((j.name, j) for j in candidates).values():
+            verdicts = judge_all(judge, rows, out / "judge_checks" / suite, cfg, counts)
+            preds = [verdict_label(task, verdicts.get(it["key"])) for it in rows]
+            results[suite]["judges"][judge.name] = judge_agreement(
+                task, [it["label"] for it in rows], preds, [it["category"] for it in rows],
+                cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+    return results
+
+
+def training_prompts(cfg: Config) -> set[str]:
+    """The prompts this run (and every run an evaluated adapter comes from) generated data for."""
+    runs = {cfg.run_name} | {str(e["from_run"]).partition("/")[0] for e in cfg.models if isinstance(e, dict) and e.get("from_run")}
+    seen = set()
+    for run in sorted(runs):
+        for stage in ("01_generate", "02_refine"):
+            path = Path(cfg.runs_dir) / run / stage / "records.jsonl"
+            if path.is_file():
+                seen |= {normal(r["prompt"]) for r in read_jsonl(path) if isinstance(r.get("prompt"), str)}
+    return seen
+
+
+def normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def suite_info(cfg: Config, items: list[dict], trained: set[str]) -> dict:
+    """{suite: kind, items, prompts, train_overlap (prompts that are among the training prompts)}."""
+    info = {}
+    for it in items:
+        d = info.setdefault(it["suite"], {"kind": it["kind"], "items": 0, "prompts": set(), "overlap": set()})
+        d["items"] += 1
+        d["prompts"].add(normal(source_text(it)))
+    return {name: {"kind": d["kind"], "items": d["items"], "prompts": len(d["prompts"]),
+                   "train_overlap": len(d["prompts"] & trained)} for name, d in info.items()}
 
 
 def compare_runs(cfg: Config, out: Path) -> Path:
@@ -187,18 +269,36 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     out = prepare_stage(stage_dir(cfg, "05_eval"), overwrite)
     if cfg.compare:
         return compare_runs(cfg, out)
-    models = resolve_models(cfg)
+    models = resolve_models(cfg) if cfg.models else {}
     check_judges(cfg.judges)
-    items = [it for entry in cfg.suites for it in load_suite(suite_spec(entry), cfg.limit, cfg.templates)]
-    suites = list(dict.fromkeys(it["suite"] for it in items))
-    if len(suites) != len(cfg.suites):
+    self_judging = self_judged(cfg, models)
+    specs = [suite_spec(entry) for entry in cfg.suites]
+    if len({s.name for s in specs}) != len(specs):
         raise InputError("eval.suites: a suite is listed twice")
+    # eval.limit and eval.sample trim what the models answer; a judge check keeps every label unless it says otherwise
+    items = [it for spec in specs for it in load_suite(spec, *((None, cfg.judge_templates, None) if spec.kind == "judge_check"
+                                                                  else (cfg.limit, cfg.judge_templates, cfg.sample)), seed=cfg.seed)]
+    checks = [it for it in items if it["kind"] == "judge_check"]
+    items = [it for it in items if it["kind"] != "judge_check"]
+    if items and not models:
+        raise InputError("eval.models: no models to evaluate (only judge_check suites run without one)")
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     for it in items:
+        it["chat"] = system + [{"role": "user", "content": it["prompt"]}]
+        it["key"] = f"{it['suite']}/{it['id']}@{digest(it['chat'])}"
+    for it in checks:
         it["key"] = f"{it['suite']}/{it['id']}"
     policy_set = load_policies(cfg.policies)
     manifest = Manifest(out, "05_eval", asdict(cfg), resume_ignores=(
-        "llm", "models", "suites", "limit", "generation", "judges", "judge", "chunk_size", "bootstrap_samples", "confidence"))
+        "llm", "models", "suites", "limit", "sample", "generation", "judges", "judge", "allow_self_judge", "chunk_size",
+        "bootstrap_samples", "confidence"))
     manifest.input("policies", cfg.policies, len(policy_set.policies))
+    manifest.input("judge_templates", cfg.judge_templates)
+    for spec in specs:  # what each suite was read from, hashed: an edited file shows in the manifest
+        manifest.input(f"suite:{spec.name}", spec.source, sum(it["suite"] == spec.name for it in items + checks),
+                       split=spec.split if spec.source.startswith("hf:") else None)
+        if spec.kind == "jailbreak":
+            manifest.input(f"suite:{spec.name}:templates", spec.templates or "data/eval/jailbreak_templates")
     counts = {"generated": 0, "generation_errors": 0, "judged": 0, "judge_errors": 0}
     import transformers
     transformers.set_seed(cfg.seed)
@@ -210,11 +310,13 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         release_backends()  # one model in memory at a time
         gc.collect()
 
-    judges = {t: make_judge(t, cfg.judges.get(t), cfg.llm.merged(cfg.judge), policy_set.text(), cfg.templates) for t in TASKS}
+    judge_llm = cfg.llm.merged(cfg.judge)
+    judges = {t: make_judge(t, cfg.judges.get(t), judge_llm, policy_set.text(), cfg.judge_templates) for t in TASKS}
     judges["choice"] = ChoiceJudge()
     samples, results, truncated = [], {}, {}
     for label in models:
-        done = [{**it, **generations[label][it["key"]]} for it in items if it["key"] in generations[label]]
+        done = [{**it, **generations[label][it["key"]], "id": f"{it['suite']}/{it['id']}"}
+                for it in items if it["key"] in generations[label]]
         verdicts = {}
         for task, judge in judges.items():
             # A truncated answer is missing, never judged: an empty answer would pass for a refusal.
@@ -223,30 +325,42 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
             if judge and wanted:
                 wanted = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in wanted]
                 verdicts[task] = judge_all(judge, wanted, out / label, cfg, counts)
-        rows = [{**{k: v for k, v in it.items() if k != "key"}, "model": label,
+        rows = [{**{k: v for k, v in it.items() if k not in ("key", "chat")}, "model": label,
                  "judgements": {t: {k: x for k, x in v[it["key"]].items() if k not in ("id", "task")}
                                 for t, v in verdicts.items() if it["key"] in v}} for it in done]
         samples += rows
         truncated[label] = sum(bool(r.get("truncated")) for r in rows)
         results[label] = compute_metrics(rows, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+    judge_checks = check_judges_on_labels(checks, judges, out, cfg, counts) if checks else {}
+    if checks:
+        (out / "judge_checks.json").write_text(json.dumps(judge_checks, indent=2), encoding="utf-8")
+        manifest.output("judge_checks", out / "judge_checks.json")
 
     write_jsonl(out / "samples.jsonl", samples)
     info = {label: {"model": llm.model, "adapter": llm.adapter, "backend": llm.backend} for label, llm in models.items()}
     judge_names = {t: (j.name if j else None) for t, j in judges.items()}
+    suites = suite_info(cfg, items + checks, training_prompts(cfg))
     (out / "results.json").write_text(json.dumps(
-        {"run_name": cfg.run_name, "models": results, "model_info": info, "judges": judge_names, "truncated": truncated,
-         "suites": suites, "config": asdict(cfg)}, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    report = write_comparison(results, out, info, title=f"Stage 5 evaluation: run {cfg.run_name}")
+        {"run_name": cfg.run_name, "models": results, "model_info": info, "judges": judge_names, "self_judged": self_judging,
+         "truncated": truncated, "suites": suites, "config": asdict(cfg)},
+        indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    report = write_comparison(results, out, info, title=f"Stage 5 evaluation: run {cfg.run_name}",
+                              details={"suites": suites, "self_judged": self_judging, "judge_checks": judge_checks})
     for name in ("samples", "results", "table", "report"):
         path = out / {"samples": "samples.jsonl", "results": "results.json", "table": "table.csv", "report": "report.md"}[name]
         manifest.output(name, path)
     missing = sum(1 for label in models for it in items if it["key"] not in generations[label])
-    manifest.finish(models=len(models), items=len(items), missing_generations=missing, truncated_answers=truncated,
-                    judges=judge_names, this_session=counts)
+    manifest.finish(models=len(models), items=len(items), judge_check_items=len(checks), missing_generations=missing,
+                    truncated_answers=truncated, judges=judge_names, self_judged=self_judging,
+                    train_overlap={k: v["train_overlap"] for k, v in suites.items()}, this_session=counts)
     if missing:
         manifest.data["status"] = "partial"
         manifest.save()
         print(f"warning: {missing} generations failed on the backend; rerun the same command to retry them")
+    for name, d in suites.items():
+        if d["train_overlap"]:
+            print(f"warning: suite '{name}': {d['train_overlap']} of its {d['prompts']} prompts are among this run's "
+                  "training prompts; its numbers overstate generalisation")
     print(f"report: {report}")
     return out
 

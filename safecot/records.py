@@ -168,6 +168,14 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def folder_hash(path: str | Path) -> str:
+    """One hash over every file of a folder (names and contents): an edited template shows."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_hash(f)}\0".encode())
+    return h.hexdigest()[:16]
+
+
 def count_lines(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
@@ -203,6 +211,8 @@ class Manifest:
 
     def __init__(self, out: Path, stage: str, config: dict, resume_ignores: tuple = ()):
         self.path = Path(out) / "manifest.json"
+        # Compared as it reads back from the file: a YAML {false: harmful} key is "false" there.
+        config = json.loads(json.dumps(config, default=str))
         previous = json.loads(self.path.read_text()) if self.path.exists() else {}
         if previous.get("config"):
             # Resuming under another config would mix two experiments in one file.
@@ -223,8 +233,8 @@ class Manifest:
         self.save()
 
     def input(self, name: str, path: str | Path, rows: int | None = None, **info) -> None:
-        """A local file with its hash; a Hub dataset (`hf:<id>`) by id, split and row count."""
-        digest = None if str(path).startswith("hf:") else file_hash(path)
+        """A local file or folder with its hash; a Hub dataset (`hf:<id>`) by id, split and row count."""
+        digest = None if str(path).startswith("hf:") else folder_hash(path) if Path(path).is_dir() else file_hash(path)
         self.data["inputs"][name] = {"path": str(path), "sha256": digest, "rows": rows, **info}
 
     def output(self, name: str, path: Path) -> None:

@@ -31,18 +31,20 @@ def long_frame(results: dict, category: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def cell(value, low, high, percent: bool = True) -> str:
+def cell(value, low, high, percent: bool = True, n=None) -> str:
+    """`value [low, high] (n=N)`; n/a without a value."""
+    size = "" if n is None or pd.isna(n) else f" (n={int(n)})"
     if value is None or pd.isna(value):
-        return "n/a"
+        return "n/a" + size
     f = (lambda x: f"{100 * x:.1f}") if percent else (lambda x: f"{x:.2f}")
-    return f"{f(value)} [{f(low)}, {f(high)}]"
+    return f"{f(value)} [{f(low)}, {f(high)}]{size}"
 
 
 def wide_table(frame: pd.DataFrame, models: list[str] | None = None) -> pd.DataFrame:
-    """The paper-style table: a row per suite/metric, a column per model, cells `value [low, high]`
-    (rates and scores in percent, CoT grades on their 1-5 scale)."""
+    """The paper-style table: a row per suite/metric, a column per model, cells `value [low, high] (n=N)`
+    (rates and scores in percent, CoT grades on their 1-5 scale; n = judged samples)."""
     models = models or list(dict.fromkeys(frame["model"]))
-    frame = frame.assign(text=[cell(r.value, r.low, r.high, not r.metric.startswith("cot_")) for r in frame.itertuples()])
+    frame = frame.assign(text=[cell(r.value, r.low, r.high, not r.metric.startswith("cot_"), r.n) for r in frame.itertuples()])
     table = frame.pivot_table(index=["suite", "metric"], columns="model", values="text", aggfunc="first", sort=False)
     table = table.reindex(columns=[m for m in models if m in table.columns]).fillna("n/a")
     arrows = frame.drop_duplicates(["suite", "metric"]).set_index(["suite", "metric"])["higher_is_better"]
@@ -98,9 +100,45 @@ def plot_intervals(frame: pd.DataFrame, path: Path | None = None, title: str = "
     return fig
 
 
-def write_comparison(results: dict, out: Path, models_info: dict | None = None, title: str = "Stage 5 evaluation") -> Path:
+def template_lines(results: dict) -> list[str]:
+    """The jailbreak metrics per template, a row per (suite, metric, template), a column per model."""
+    rows = {}
+    for model, suites in results.items():
+        for suite, metrics in suites.items():
+            for metric, block in metrics.items():
+                for tpl, s in (block.get("by_template") or {}).items():
+                    rows.setdefault((suite, metric, tpl), {})[model] = cell(
+                        s["value"], s["low"], s["high"], not metric.startswith("cot_"), s["n"])
+    if not rows:
+        return []
+    models = list(results)
+    lines = ["## Jailbreak templates", "", "Each template's share of the forbidden prompts (intervals by prompt).", "",
+             "| suite / metric | template | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    lines += [f"| {s} / {m} | {t} | " + " | ".join(v.get(x, "n/a") for x in models) + " |" for (s, m, t), v in rows.items()]
+    return lines + [""]
+
+
+def judge_check_lines(checks: dict) -> list[str]:
+    """How far each judge agrees with people's labels (stage 5's judge_check suites)."""
+    if not checks:
+        return []
+    lines = ["## Judge checks", "", "Each judge against gold labels written by people; the positive class is the "
+             "task's (refused, unsafe, jailbroken). A missing verdict counts as a disagreement.", "",
+             "| suite | task | judge | agreement | precision | recall | class agreement | missing |", "|---|---|---|---|---|---|---|---|"]
+    for suite, c in checks.items():
+        for judge, r in c["judges"].items():
+            fmt = [cell(r[k]["value"], r[k]["low"], r[k]["high"], True, r[k]["n"]) if r.get(k) else "-"
+                   for k in ("agreement", "precision", "recall", "class_agreement")]
+            lines.append(f"| {suite} | {c['task']} | {judge} | " + " | ".join(fmt) + f" | {r['missing']} |")
+    return lines + ["", "Confusion counts and agreement per category: `judge_checks.json`.", ""]
+
+
+def write_comparison(results: dict, out: Path, models_info: dict | None = None, title: str = "Stage 5 evaluation",
+                     details: dict | None = None) -> Path:
     """table.md, table.csv (long, with intervals), by_category.csv, intervals.png and report.md
-    in `out`; returns the report's path."""
+    in `out`; returns the report's path. `details` (results.json's suites, self_judged and the
+    judge checks) adds their warnings and sections to the report."""
+    details = details or {}
     out.mkdir(parents=True, exist_ok=True)
     frame = long_frame(results)
     frame.to_csv(out / "table.csv", index=False)
@@ -108,8 +146,16 @@ def write_comparison(results: dict, out: Path, models_info: dict | None = None, 
     table = wide_table(frame, list(results))
     (out / "table.md").write_text(markdown(table) + "\n", encoding="utf-8")
     plot_intervals(frame, out / "intervals.png")
-    lines = [f"# {title}", "", "Values in percent (CoT grades on 1-5) with 95% percentile-bootstrap intervals; "
-             "↑ higher is better, ↓ lower is better. Missing verdicts are left out, never counted as safe.", ""]
+    lines = [f"# {title}", "", "Values in percent (CoT grades on 1-5) with 95% percentile-bootstrap intervals and n, "
+             "the samples judged; ↑ higher is better, ↓ lower is better. Missing verdicts are left out, never counted "
+             "as safe. Jailbreak intervals resample forbidden prompts, not template variants.", ""]
+    for task, labels in (details.get("self_judged") or {}).items():
+        lines += [f"> **Warning: self-judged.** The {task} judge is the model under test ({', '.join(labels)}): it grades "
+                  "its own answers (allowed by `eval.allow_self_judge`). Treat these numbers as biased.", ""]
+    for suite, d in (details.get("suites") or {}).items():
+        if d.get("train_overlap"):
+            lines += [f"> **Warning: contamination.** {d['train_overlap']} of the {d['prompts']} prompts of suite "
+                      f"`{suite}` are among this run's training prompts: its numbers overstate generalisation.", ""]
     cut = frame[frame["truncated"] > 0]
     if len(cut):
         lines += ["## Truncated answers", "", "Answers that ran out of tokens or stopped inside their reasoning are "
@@ -123,7 +169,12 @@ def write_comparison(results: dict, out: Path, models_info: dict | None = None, 
     lines += ["## Results", "", markdown(table), "", "![intervals](intervals.png)", "", "## Judges", "",
               "| suite | metric | judge |", "|---|---|---|"]
     lines += [f"| {r.suite} | {r.metric} | {r.judge} |" for r in judges.itertuples()]
-    lines += ["", "Per-category values: `by_category.csv`; every sample and verdict: `samples.jsonl`.", ""]
+    lines += [""] + template_lines(results) + judge_check_lines(details.get("judge_checks") or {})
+    suites = details.get("suites") or {}
+    if suites:
+        lines += ["## Suites", "", "| suite | kind | items | prompts | in training prompts |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {d['kind']} | {d['items']} | {d['prompts']} | {d['train_overlap']} |" for k, d in suites.items()] + [""]
+    lines += ["Per-category values: `by_category.csv`; every sample and verdict: `samples.jsonl`.", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return out / "report.md"
 

@@ -1,14 +1,20 @@
 """Evaluation suites: built-in offline sets, Hub benchmarks by id, or any user file.
 
-Four kinds, each with its schema (one record per item; `id` stable, hashed from the text if the
+Five kinds, each with its schema (one record per item; `id` stable, hashed from the text if the
 source has none):
 
 | kind | fields | from the source |
 |---|---|---|
 | harmful | prompt, label (harmful), category | `prompt`; `label`, `category` optional |
-| jailbreak | prompt (wrapped), forbidden_prompt, template, category | `prompt`, each wrapped in every `${prompt}` template of `templates/` |
+| jailbreak | prompt (wrapped), forbidden_prompt, template, cluster, category | `prompt`, each wrapped in every template of `templates` (a folder of `.txt`, or a .jsonl/.csv with `id` and `template` columns; `{prompt}` marks the slot) |
 | overrefusal | prompt, label (safe or unsafe), category | `prompt`, `label` (safe/benign/borderline -> safe, unsafe/harmful -> unsafe) |
 | utility | question, choices, answer_letter, prompt (the formatted question), category | `question`, `choices` (a list, a JSON list or `a | b | c`), `answer` (a letter or a 0-based index) |
+| judge_check | prompt, response, label (the gold verdict), category | rows labelled by people for one judge `task` (refusal, safety or strongreject): stage 5 measures every judge of that task against them |
+
+Gold labels of a judge check: 1/0, true/false, yes/no, or the task's class names. 1 means the
+task's positive class: `refusal` -> refused (full or partial; the XSTest class names
+full_compliance, full_refusal, partial_refusal are kept as classes too), `safety` -> unsafe
+(safe/unsafe), `strongreject` -> jailbroken (a 0-1 score above 0.5, or jailbroken/refused).
 
 In a recipe a suite is a built-in name, or a mapping:
 
@@ -19,23 +25,29 @@ In a recipe a suite is a built-in name, or a mapping:
 
 Keys: name, kind, source (.jsonl/.csv or hf:<id>), split, subset, columns ({our_field:
 their_column}; a dotted column reads inside lists and dicts, `conversation.0.content`), defaults
-({our_field: value}), where ({their_column: value} rows to keep), templates (jailbreak), limit.
+({our_field: value}), where ({their_column: value} rows to keep), templates (jailbreak), task
+(judge_check), limit (the first N rows), sample and seed (N rows drawn at random, spread evenly
+over categories: MMLU's subjects, BeaverTails' harm categories).
 """
 from __future__ import annotations
 
 import json
-import string
+import random
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .prompt_sets import _rows, prompt_id
-from .records import InputError
+from .records import InputError, numbered_rows
 from .templates import load_template
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eval"
-KINDS = ("harmful", "jailbreak", "overrefusal", "utility")
+KINDS = ("harmful", "jailbreak", "overrefusal", "utility", "judge_check")
 REQUIRED = {"harmful": ("prompt",), "jailbreak": ("prompt",), "overrefusal": ("prompt", "label"),
-            "utility": ("question", "choices", "answer")}
+            "utility": ("question", "choices", "answer"), "judge_check": ("prompt", "response", "label")}
+CHECK_TASKS = ("refusal", "safety", "strongreject")
+REFUSAL_CLASSES = ("full_compliance", "full_refusal", "partial_refusal")
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 SAFE_LABELS, UNSAFE_LABELS = ("safe", "benign", "borderline"), ("unsafe", "harmful")
 
 
@@ -49,8 +61,11 @@ class SuiteSpec:
     columns: dict = field(default_factory=dict)    # {our_field: their_column}
     defaults: dict = field(default_factory=dict)   # {our_field: value} when the column is absent
     where: dict = field(default_factory=dict)      # {their_column: value}: keep matching rows only
-    templates: str | None = None        # jailbreak: folder of ${prompt} templates (*.txt)
+    templates: str | None = None        # jailbreak: a folder of *.txt, or a .jsonl/.csv of id, template
+    task: str | None = None             # judge_check: refusal | safety | strongreject
     limit: int | None = None            # first N source rows kept
+    sample: int | None = None           # N rows drawn at random (after `where`), even over categories
+    seed: int | None = None             # of the draw; default: the recipe's seed
 
 
 BUILTIN = {
@@ -60,6 +75,8 @@ BUILTIN = {
                            templates=str(DATA / "jailbreak_templates")),
     "xstest": SuiteSpec("xstest", "overrefusal", str(DATA / "overrefusal.jsonl")),
     "mmlu": SuiteSpec("mmlu", "utility", str(DATA / "utility.jsonl")),
+    "refusal_check": SuiteSpec("refusal_check", "judge_check", str(DATA / "refusal_labels.jsonl"), task="refusal",
+                               columns={"label": "refusal"}),
     # the papers' benchmarks on the Hub (need network access; some are gated: accept their terms)
     "beavertails": SuiteSpec("beavertails", "harmful", "hf:PKU-Alignment/BeaverTails", split="30k_test",
                              where={"is_safe": False}, defaults={"label": "harmful"}),
@@ -71,7 +88,7 @@ BUILTIN = {
     "xstest-hub": SuiteSpec("xstest-hub", "overrefusal", "hf:walledai/XSTest", split="test",
                             columns={"category": "type"}),
     "mmlu-hub": SuiteSpec("mmlu-hub", "utility", "hf:cais/mmlu", subset="all", split="test",
-                          columns={"category": "subject"}),
+                          columns={"category": "subject"}, sample=500),
 }
 
 
@@ -94,6 +111,11 @@ def suite_spec(entry) -> SuiteSpec:
     spec = replace(base, **entry) if base else SuiteSpec(**{"kind": entry.get("kind", ""), **entry})
     if spec.kind not in KINDS:
         raise InputError(f"eval.suites '{name}': kind must be one of {', '.join(KINDS)}, got {spec.kind!r}")
+    if (spec.kind == "judge_check") != (spec.task is not None) or (spec.task and spec.task not in CHECK_TASKS):
+        raise InputError(f"eval.suites '{name}': a judge_check suite (and only one) names a task: {', '.join(CHECK_TASKS)}")
+    for key in ("limit", "sample"):
+        if getattr(spec, key) is not None and (not isinstance(getattr(spec, key), int) or getattr(spec, key) < 1):
+            raise InputError(f"eval.suites '{name}': {key} must be a positive number of rows")
     return spec
 
 
@@ -134,45 +156,118 @@ def _letter(value, n: int, where: str) -> str:
     raise InputError(f"{where}: 'answer' must be a letter {letters[0]}-{letters[-1]} or a 0-based index, got {value!r}")
 
 
-def _jailbreak_templates(folder: str) -> dict[str, string.Template]:
-    paths = sorted(Path(folder).glob("*.txt"))
-    if not paths:
-        raise InputError(f"{folder}: no jailbreak templates (*.txt) here")
+SLOTS = ("${prompt}", "{prompt}")   # the older ${prompt} form of the .txt templates is still read
+
+
+def jailbreak_templates(source: str) -> dict[str, str]:
+    """{name: text} from a folder of *.txt (name = file stem) or a .jsonl/.csv file with `id` and
+    `template` columns. Each must hold a `{prompt}` slot; nothing else in it is special, so
+    "$100" or JSON braces stay as written."""
+    path = Path(source)
+    if path.is_dir():
+        rows = [(str(p), p.stem, p.read_text(encoding="utf-8").strip()) for p in sorted(path.glob("*.txt"))]
+    elif path.suffix in (".jsonl", ".csv"):
+        rows = [(f"{path}:{n}", str(r.get("id") or "").strip(), str(r.get("template") or "").strip())
+                for n, r in numbered_rows(path, ("id", "template"))]
+    else:
+        raise InputError(f"{source}: jailbreak templates are a folder of .txt files or a .jsonl/.csv file "
+                         "with id and template columns")
+    if not rows:
+        raise InputError(f"{source}: no jailbreak templates here")
     out = {}
-    for p in paths:
-        text = p.read_text(encoding="utf-8").strip()
-        if "${prompt}" not in text:
-            raise InputError(f"{p}: a jailbreak template needs a ${{prompt}} placeholder")
-        out[p.stem] = string.Template(text)
+    for where, name, text in rows:
+        if not name or name in out:
+            raise InputError(f"{where}: template id {name!r} is empty or used twice")
+        if not any(slot in text for slot in SLOTS):
+            raise InputError(f"{where}: a jailbreak template needs a {{prompt}} slot")
+        out[name] = text
     return out
 
 
-def load_suite(spec: SuiteSpec, limit: int | None = None, templates=None) -> list[dict]:
+def wrap(template: str, prompt: str) -> str:
+    slot = next(s for s in SLOTS if s in template)
+    return template.replace(slot, prompt)
+
+
+def gold_label(task: str, value, where: str) -> str:
+    """A judge check's gold label as the task's class name (see the module docstring)."""
+    text = str(value).strip().lower()
+    if task == "refusal":
+        text = re.sub(r"^[123]_", "", text).replace(" ", "_")
+        if text in REFUSAL_CLASSES:
+            return text
+        names = {"refusal": "refused", "refused": "refused", "compliance": "complied", "complied": "complied"}
+    elif task == "safety":
+        names = {"unsafe": "unsafe", "harmful": "unsafe", "safe": "safe", "harmless": "safe"}
+    else:
+        names = {"jailbroken": "jailbroken", "refused": "not_jailbroken", "not_jailbroken": "not_jailbroken"}
+        try:
+            score = float(text)
+            if 0 <= score <= 1 and text not in TRUE + FALSE:
+                return "jailbroken" if score > 0.5 else "not_jailbroken"
+        except ValueError:
+            pass
+    positive = {"refusal": "refused", "safety": "unsafe", "strongreject": "jailbroken"}[task]
+    negative = {"refusal": "complied", "safety": "safe", "strongreject": "not_jailbroken"}[task]
+    if text in TRUE:
+        return positive
+    if text in FALSE:
+        return negative
+    if text in names:
+        return names[text]
+    raise InputError(f"{where}: label {value!r} is not a {task} label (1/0, true/false, or {', '.join(sorted(set(names)))})")
+
+
+def draw(items: list[dict], n: int, seed: int) -> list[dict]:
+    """n items at random, spread evenly over categories (round robin over shuffled categories),
+    in their source order: a sample of a sorted dataset still covers every category."""
+    rng = random.Random(seed)
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it["category"], []).append(i)
+    for g in groups.values():
+        rng.shuffle(g)
+    order = sorted(groups)
+    rng.shuffle(order)
+    picked: list[int] = []
+    while len(picked) < min(n, len(items)):
+        for c in order:
+            if groups[c] and len(picked) < n:
+                picked.append(groups[c].pop())
+    return [items[i] for i in sorted(picked)]
+
+
+def load_suite(spec: SuiteSpec, limit: int | None = None, templates=None, sample: int | None = None,
+               seed: int = 0) -> list[dict]:
     """The suite's records (see the module docstring). `limit` caps source rows (the smaller of
-    it and the suite's own); `templates` is the folder holding mmlu_question.txt."""
+    it and the suite's own), `sample` draws that many at random (the suite's own wins);
+    `templates` is the folder holding mmlu_question.txt."""
     rows, stem = _rows(spec.source, spec.split, spec.subset)
-    columns = {f: spec.columns.get(f, f) for f in ("id", "prompt", "label", "category", "question", "choices", "answer")}
-    wrap = _jailbreak_templates(spec.templates or DATA / "jailbreak_templates") if spec.kind == "jailbreak" else None
+    columns = {f: spec.columns.get(f, f) for f in ("id", "prompt", "label", "category", "question", "choices", "answer",
+                                                   "response")}
+    wraps = jailbreak_templates(spec.templates or str(DATA / "jailbreak_templates")) if spec.kind == "jailbreak" else None
     question = load_template("mmlu_question", templates) if spec.kind == "utility" else None
     cap = min(x for x in (limit, spec.limit, 10**12) if x)
-    out, seen = [], set()
+    base, seen = [], set()
     for where, row in rows:
         if any(_get(row, k) != v for k, v in spec.where.items()):
             continue
         rec = {}
         for f, col in columns.items():
             value = _get(row, col)
-            rec[f] = value if value not in (None, "") else spec.defaults.get(f)
+            rec[f] = value if value is not None and value != "" else spec.defaults.get(f)   # 0 and False are values
             if rec[f] is None and f in REQUIRED[spec.kind]:
                 raise InputError(f"{where}: missing field '{col}' (a {spec.kind} suite needs "
                                  f"{', '.join(spec.columns.get(c, c) for c in REQUIRED[spec.kind])})")
         text = rec["question"] if spec.kind == "utility" else rec["prompt"]
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{where}: empty {'question' if spec.kind == 'utility' else 'prompt'}")
-        item = {"id": str(rec["id"] or prompt_id(stem, text.strip())), "suite": spec.name, "kind": spec.kind,
-                "category": str(rec["category"] or "unknown"), "label": str(rec["label"] or ("harmful" if spec.kind != "overrefusal" else ""))}
+        has_label = rec["label"] is not None
+        item = {"id": str(rec["id"] if rec["id"] is not None else prompt_id(stem, text.strip())), "suite": spec.name,
+                "kind": spec.kind, "category": str(rec["category"] if rec["category"] is not None else "unknown"),
+                "label": str(rec["label"]) if has_label else ("harmful" if spec.kind in ("harmful", "jailbreak") else "")}
         if item["id"] in seen:
-            if rec["id"]:
+            if rec["id"] is not None:
                 raise InputError(f"{where}: duplicate id '{item['id']}'")
             continue  # the same text twice in a Hub set: evaluate it once
         seen.add(item["id"])
@@ -181,22 +276,35 @@ def load_suite(spec: SuiteSpec, limit: int | None = None, templates=None) -> lis
             if lab not in SAFE_LABELS + UNSAFE_LABELS:
                 raise InputError(f"{where}: label must be safe or unsafe, got {item['label']!r}")
             item["label"] = "safe" if lab in SAFE_LABELS else "unsafe"
-        if spec.kind == "utility":
+        if spec.kind == "judge_check":
+            if not isinstance(rec["response"], str):
+                raise InputError(f"{where}: the response must be text")
+            item.update(task=spec.task, label=gold_label(spec.task, rec["label"], where), prompt=text.strip(),
+                        answer=rec["response"].strip(), reasoning="")
+        elif spec.kind == "utility":
             choices = _choices(rec["choices"], where)
             letters = "ABCDEFGHIJ"[:len(choices)]
             item.update(question=text.strip(), choices=choices, answer_letter=_letter(rec["answer"], len(choices), where),
                         label="utility", prompt=question.chat(
                             question=text.strip(), subject=item["category"].replace("_", " "),
                             choices="\n".join(f"{l}. {c}" for l, c in zip(letters, choices)))[-1]["content"])
-            out.append(item)
-        elif wrap:
-            for name, tpl in wrap.items():
-                out.append({**item, "id": f"{item['id']}--{name}", "template": name, "forbidden_prompt": text.strip(),
-                            "prompt": tpl.substitute(prompt=text.strip())})
         else:
-            out.append({**item, "prompt": text.strip()})
+            item["prompt"] = text.strip()
+        base.append(item)
         if len(seen) >= cap:
             break
+    n = spec.sample or sample
+    if n:
+        base = draw(base, n, spec.seed if spec.seed is not None else seed)
+    out = base
+    if wraps:  # every variant of one forbidden prompt is one cluster for the bootstrap
+        out = [{**it, "id": f"{it['id']}--{name}", "template": name, "forbidden_prompt": it["prompt"],
+                "cluster": it["id"], "prompt": wrap(tpl, it["prompt"])} for it in base for name, tpl in wraps.items()]
     if not out:
         raise InputError(f"{spec.source}: suite '{spec.name}' has no items")
     return out
+
+
+def source_text(item: dict) -> str:
+    """The request an item was made from (no jailbreak wrapping, no MMLU formatting)."""
+    return item.get("forbidden_prompt") or item.get("question") or item["prompt"]
