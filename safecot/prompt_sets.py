@@ -1,39 +1,49 @@
 """Prompt sets: the project's seed set, any local JSONL/CSV, or a Hub dataset by id.
 
 Every prompt record has `id`, `prompt`, `label` (harmful | benign | borderline) and `category`
-(data/prompts/README.md). Other sources are mapped onto that schema with `columns`
-({our_field: their_column}) and `defaults` ({our_field: value}), e.g. for BeaverTails:
+(data/prompts/README.md), and may carry `original_response`, the source's own answer to the prompt
+(stage 2 trains the SFT_OG baseline on it). Other sources are mapped onto that schema with
+`columns` ({our_field: their_column}), `defaults` ({our_field: value}) and `values` ({our_field:
+{their_value: our_value}}), e.g. for BeaverTails, whose `is_safe` says whether a row is safe:
 
     prompts: hf:PKU-Alignment/BeaverTails
-    prompt_split: 30k_test
-    prompt_columns: {prompt: prompt}
-    prompt_defaults: {label: harmful, category: beavertails}
+    prompt_split: 330k_train
+    prompt_columns: {label: is_safe, original_response: response}
+    prompt_values: {label: {false: harmful, true: benign}}
 
-A record without an `id` gets one from a hash of its prompt, so ids are stable across reruns
-and a prompt repeated in the source is taken once. A label or category given as flags (BeaverTails'
-`category` is {"violence,aiding_and_abetting,incitement": true, ...}) becomes the first flag set.
+`values` keys match their values as text, any case (`false`, "False" in a CSV, a boolean); a
+value it does not list is kept as it is. A list of columns joins their non-empty values with a
+blank line, e.g. Alpagasus' instruction and its optional input: `columns: {prompt: [instruction,
+input]}`. A record without an `id` gets one from a hash of its prompt, so ids are stable across
+reruns and a prompt repeated in the source is taken once (its first row: BeaverTails holds several
+answers per prompt, so the first row's label and response are the ones kept). A label or category
+given as flags (BeaverTails' `category` is {"violence,aiding_and_abetting,incitement": true, ...})
+becomes the first flag set.
 
 Several sources mix into one set (the AIDSAFE paper: 5,000 BeaverTails safety prompts and 5,000
 Alpagasus general prompts): `prompts` is then a list of mappings with `source` and optional `split`,
-`subset`, `columns`, `defaults`, `limit`, each read as above.
+`subset`, `columns`, `defaults`, `values`, `limit`, each read as above.
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Iterable
 
 from .records import InputError, numbered_rows
 
 LABELS = ("harmful", "benign", "borderline")
-SOURCE_KEYS = ("source", "split", "subset", "columns", "defaults", "limit")
+SOURCE_KEYS = ("source", "split", "subset", "columns", "defaults", "values", "limit")
 
 
 def prompt_id(source: str, prompt: str) -> str:
     return f"{source}-{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:10]}"
 
 
-def _rows(source: str, split: str, subset: str | None) -> tuple[list[tuple[str, dict]], str]:
-    """(where, row) pairs, `where` naming the file and line (or the Hub row) for errors."""
+def _rows(source: str, split: str, subset: str | None) -> tuple[Iterable[tuple[str, dict]], str]:
+    """(where, row) pairs, `where` naming the file and line (or the Hub row) for errors. Hub rows
+    are read as they are taken, so a limit on a large split (BeaverTails' 300k rows) reads only
+    what it keeps."""
     if source.startswith("hf:"):
         name = source[3:]
         try:
@@ -41,7 +51,7 @@ def _rows(source: str, split: str, subset: str | None) -> tuple[list[tuple[str, 
             ds = load_dataset(name, subset, split=split)
         except Exception as e:  # datasets raises many kinds; all mean "cannot load that"
             raise InputError(f"{source}: cannot load the Hub dataset (split '{split}'): {str(e).splitlines()[0]}") from None
-        return [(f"{source} row {i}", dict(r)) for i, r in enumerate(ds)], name.split("/")[-1]
+        return ((f"{source} row {i}", dict(r)) for i, r in enumerate(ds)), name.split("/")[-1]
     path = Path(source)
     if path.suffix not in (".jsonl", ".json", ".csv"):
         raise InputError(f"{source}: prompts must be a .jsonl or .csv file, or hf:<dataset id>")
@@ -50,20 +60,26 @@ def _rows(source: str, split: str, subset: str | None) -> tuple[list[tuple[str, 
 
 def load_prompts(source: str, split: str = "train", subset: str | None = None,
                  columns: dict | None = None, defaults: dict | None = None,
-                 limit: int | None = None) -> list[dict]:
+                 limit: int | None = None, values: dict | None = None) -> list[dict]:
     rows, stem = _rows(source, split, subset)
-    columns = {"id": "id", "prompt": "prompt", "label": "label", "category": "category", **(columns or {})}
+    # `id` and an unmapped `original_response` are optional; a column the user names is not.
+    optional = {"id"} | ({"original_response"} - set(columns or {}))
+    columns = {"id": "id", "prompt": "prompt", "label": "label", "category": "category",
+               "original_response": "original_response", **(columns or {})}
     defaults = {"label": "unknown", "category": "unknown", **(defaults or {})}
     out, seen = [], set()
     for where, row in rows:
         rec = {}
         for field, column in columns.items():
-            if column in row and row[column] not in (None, ""):
-                rec[field] = row[column]
+            value = _column(row, column, where)
+            if value not in (None, ""):
+                rec[field] = _mapped(value, (values or {}).get(field))
             elif field in defaults:
                 rec[field] = defaults[field]
-            elif field != "id":
+            elif field not in optional:
                 raise InputError(f"{where}: missing field '{column}'")
+        if "original_response" in rec:
+            rec["original_response"] = str(rec["original_response"]).strip()
         if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
             raise InputError(f"{where}: empty prompt")
         rec["prompt"] = rec["prompt"].strip()
@@ -77,13 +93,32 @@ def load_prompts(source: str, split: str = "train", subset: str | None = None,
         rec["label"], rec["category"] = str(_flag(rec["label"])), str(_flag(rec["category"]))
         if rec["label"] not in LABELS + ("unknown",):
             raise InputError(f"{where}: label '{rec['label']}' is not one of {', '.join(LABELS)} (or unknown); "
-                             "map it with prompt_columns or set prompt_defaults={label: ...}")
+                             "map it with prompt_columns and prompt_values, or set prompt_defaults={label: ...}")
         out.append(rec)
         if limit and len(out) >= limit:
             break
     if not out:
         raise InputError(f"{source}: no prompts")
     return out
+
+
+def _column(row: dict, column, where: str):
+    """A column's value; a list of columns joins their non-empty values with a blank line."""
+    if not isinstance(column, list):
+        return row.get(column)
+    for c in column:
+        if c not in row:
+            raise InputError(f"{where}: missing field '{c}'")
+    return "\n\n".join(str(row[c]).strip() for c in column if str(row[c] or "").strip()) or None
+
+
+def _mapped(value, mapping: dict | None):
+    """`value` through a {their_value: our_value} mapping, matched as text in any case, so a
+    YAML `false`, a CSV "False" and a Hub boolean are one key; unlisted values pass through."""
+    for theirs, ours in (mapping or {}).items():
+        if str(theirs).lower() == str(value).lower():
+            return ours
+    return value
 
 
 def _flag(value):
@@ -96,12 +131,12 @@ def _flag(value):
 
 
 def prompt_sources(prompts, split: str = "train", subset: str | None = None, columns: dict | None = None,
-                   defaults: dict | None = None) -> list[dict]:
+                   defaults: dict | None = None, values: dict | None = None) -> list[dict]:
     """`generate.prompts` as a list of sources: one (a path or hf:<id>, with the stage's split,
-    columns and defaults) or a mix (a list of mappings, each with its own)."""
+    columns, defaults and values) or a mix (a list of mappings, each with its own)."""
     if isinstance(prompts, str):
         return [{"source": prompts, "split": split, "subset": subset, "columns": columns or {},
-                 "defaults": defaults or {}, "limit": None}]
+                 "defaults": defaults or {}, "values": values or {}, "limit": None}]
     if not isinstance(prompts, list) or not prompts:
         raise InputError(f"generate.prompts: expected a file, hf:<id>, or a list of sources, got {prompts!r}")
     specs = []
@@ -110,7 +145,7 @@ def prompt_sources(prompts, split: str = "train", subset: str | None = None, col
         if not isinstance(entry, dict) or "source" not in entry or set(entry) - set(SOURCE_KEYS):
             raise InputError(f"generate.prompts[{i}]: expected a mapping with source and optional "
                              f"{', '.join(SOURCE_KEYS[1:])}, got {entry!r}")
-        specs.append({"split": split, "subset": None, "columns": {}, "defaults": {}, "limit": None, **entry})
+        specs.append({"split": split, "subset": None, "columns": {}, "defaults": {}, "values": {}, "limit": None, **entry})
     return specs
 
 
@@ -119,7 +154,8 @@ def load_prompt_sources(specs: list[dict], limit: int | None = None) -> list[dic
     Each spec gets `rows`, the number it gave, for the manifest."""
     out, seen = [], {}
     for spec in specs:
-        rows = load_prompts(spec["source"], spec["split"], spec["subset"], spec["columns"], spec["defaults"], spec["limit"])
+        rows = load_prompts(spec["source"], spec["split"], spec["subset"], spec["columns"], spec["defaults"],
+                            spec["limit"], spec["values"])
         for rec in rows:
             if rec["id"] in seen:
                 raise InputError(f"{spec['source']}: id '{rec['id']}' is also in {seen[rec['id']]}")

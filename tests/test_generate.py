@@ -228,6 +228,65 @@ def test_failed_requests_are_left_for_the_next_run(tmp_path, scripted):
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
+# A revision that flips the initial CoT's verdict and is cut off at the token budget mid-sentence:
+# what came through parses as a complete revision.
+CUT_REVISION = ("VERDICT: REVISE\nTHOUGHTS:\n1. The request is not benign.\n2. Refuse it, since the fraud policy\n"
+                "RESPONSE:\nI can't help with that, but you could")
+
+
+@pytest.mark.parametrize("truncated", [True, False])
+def test_a_revision_cut_off_at_the_budget_is_a_parse_failure(tmp_path, scripted, truncated):
+    from safecot.backends import Generation
+    seen = []
+
+    def review(chat, k):
+        if k == 1:
+            return Generation(CUT_REVISION, 64, truncated=truncated)
+        seen.append(chat[-1]["content"])
+        return AGREE
+
+    out = run(tmp_path, scripted, review, "generate.limit=3", "generate.n_agents=2", "generate.max_rounds=1")
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    for r in records(out):
+        turn = r["deliberation_log"][2]
+        assert turn["truncated"] is truncated and r["stop_reason"] == "agreement"
+        if truncated:  # the initial CoT stands, and agent 2 reviewed it, not the cut-off flip
+            assert r["thoughts"] == ["The request is benign.", "Answer it."] and r["response"] == "Here is X."
+            assert turn["verdict"] == "unparsed" and r["parse_failures"] == ["deliberation"]
+        else:  # the control: the same text, finished, is a revision
+            assert r["thoughts"][0] == "The request is not benign." and turn["verdict"] == "revise"
+    assert all(("not benign" in text) is not truncated for text in seen) and len(seen) == 3
+    assert counts["truncated_turns"] == {"intent": 0, "initial": 0, "deliberation": 3 if truncated else 0}
+    assert counts["parse_failures"]["deliberation"] == (3 if truncated else 0)
+
+
+def test_cut_off_intents_and_initial_cot_are_not_used(tmp_path, scripted):
+    from safecot.backends import Generation
+    seen = []
+
+    def script(chat, model):
+        role = role_of(chat)
+        if role == "intent":
+            return Generation(INTENTS, 8, truncated=True)
+        if role == "initial":
+            return Generation(COT + " And then you", 8, truncated=True)
+        seen.append(chat[-1]["content"])
+        return REVISE.format(n=agent_no(chat))
+
+    scripted.script = script
+    module, cfg = make_config("01_generate", "generate", tmp_path, "llm.backend=scripted", "generate.limit=2",
+                              "generate.n_agents=1", "generate.max_rounds=1")
+    out = module.main(cfg)
+    for r in records(out):
+        assert r["intents"] == {"explicit": [], "implicit": []} and r["parse_failures"] == ["intent", "initial"]
+        assert [t["parsed"] for t in r["deliberation_log"][:2]] == [False, False]
+        assert r["thoughts"][-1] == "Agent 1 checked privacy."  # the deliberator's revision, from scratch
+    assert all("Current thoughts (round 1):\n(none)" in text and "Current response:\n(none)" in text
+               and "wants X" not in text for text in seen)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["truncated_turns"] == {"intent": 2, "initial": 2, "deliberation": 0}
+
+
 # ---- the real tiny model ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("four_bit", [False, True])

