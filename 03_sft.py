@@ -12,6 +12,9 @@ As in Kumarage et al. 2025 (arXiv 2505.21784), section 5, and Mou et al. 2025 (S
      the boundary is a token boundary (safecot/chat.py explains why). A template that drops the
      reasoning from assistant turns (DeepSeek-R1-Distill's) is replaced for training by one that
      keeps it. `loss_preview.jsonl` shows the first examples' learnt text: look there first.
+  4. Before training, the planned number of optimiser steps is printed and recorded in the manifest,
+     with a warning when it is below about 100 (safecot/training.py: plan_steps): a few steps at a
+     LoRA learning rate leave the model almost where it started.
 Hyperparameters are not published; the recipe's values are common QLoRA defaults for 7B models.
 
     python 03_sft.py --config configs/tiny.yaml
@@ -23,7 +26,7 @@ Writes data/runs/<run_name>/03_sft/: adapter/ (LoRA adapter and tokenizer), loss
 (for the first 8 examples, the decoded text of exactly the tokens that carry loss), metrics.jsonl
 (one line per logging step: loss, learning rate, tokens/s, peak memory), checkpoints/ (rerunning the same
 command resumes from the last one; `sft.max_steps`/`sft.epochs` may be raised to train on) and
-manifest.json (the base model and adapter path that stage 4 and stage 5 load).
+manifest.json (the base model and adapter path that stage 4 and stage 5 load, planned and taken steps).
 """
 from __future__ import annotations
 
@@ -152,15 +155,19 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     from datasets import Dataset
     path, rows = load_examples(cfg)
     tokenizer, fmt, tokenised, counts = tokenize(cfg, rows)
+    counts["planned_steps"] = training.plan_steps("03_sft", len(tokenised), "examples", cfg.batch_size, cfg.grad_accum,
+                                                  cfg.epochs, cfg.max_steps)
     config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
     out, manifest = training.open_stage(cfg, "03_sft", overwrite, config, RESUME_IGNORES)
     preview, counts["preview_off_content"] = loss_preview(tokenizer, rows, tokenised)
     if manifest:
+        manifest.data["counts"]["planned_steps"] = counts["planned_steps"]  # visible while it trains
         manifest.input(cfg.dataset, path, len(rows))
         manifest.data["chat_format"] = {**fmt.describe(), "training_template": "recipe" if cfg.chat_template else
                                         "own" if fmt.template is None else "trl training variant"}
         write_jsonl(out / "loss_preview.jsonl", preview)
         manifest.output("loss_preview", out / "loss_preview.jsonl")
+        manifest.save()
     dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "assistant_masks")} for r in tokenised])
 
     import transformers

@@ -11,34 +11,45 @@ AIDSAFE's DPO on belief-augmented pairs) or reinforcement learning on the model'
     2. The reference policy is the frozen SFT adapter, not the bare base: trl keeps a frozen copy
        of the starting adapter under the name "ref" and scores the reference with it.
   method: grpo (Jin et al. 2026, CADA)
-    1. For each prompt of the run the model samples a group of reasoning chains and answers.
-    2. Each is rewarded: a judge's score for safety on harmful prompts and for helpfulness (no
-       refusal) on benign and borderline ones, plus a format reward for <think>...</think> then an
-       answer. The judge is any configured backend (template data/templates/reward_judge.txt), or,
-       with `judge` unset (the tiny recipe), a rule-based refusal detector. With `policies` set
-       (CADA: data/policies/cases.yaml, short codes with cases) the judge scores against those
-       codes, and `policies_in_prompt` also puts them in front of the model while it samples.
+    1. For each prompt of the run the model samples a group of reasoning chains and answers. With
+       `policies_in_prompt` (CADA) it is shown the case-augmented codes of `policies` and asked to
+       reason over them in <think>...</think> first (template reason_over_policies.txt).
+    2. Each is rewarded by a judge plus a format reward for <think>...</think> then an answer. The
+       judge is any configured backend (template reward_judge.txt): it reads the request and the
+       codes, decides itself whether the request is harmful under them (the dataset's label is not
+       shown to it), and scores the answer's safety if so, its helpfulness (no refusal) if not.
+       With `judge` unset (the tiny recipe), a rule-based refusal detector scores against the
+       dataset's labels instead, and gives an `unknown` label no reward rather than the benign one.
        An answer cut off at `max_completion_length` gets no judge reward (missing, not safe and
        not a refusal) and no format reward.
     3. GRPO moves the policy towards the answers that beat their group's mean.
-The paper's reward form and hyperparameters are not published; the recipe's values are common ones.
+  from_sft: false (CADA trains the instruct model directly): either method starts from the model
+    itself (`model`, else `llm.model`) with a fresh LoRA adapter; stage 3 is not needed, and the
+    reference is the bare model.
+Before training it prints the planned optimiser steps (recorded in the manifest) and warns when
+they are fewer than about 100. The paper's reward form and hyperparameters are not published; the
+recipe's values are common ones.
 
     python 04_dpo.py --config configs/tiny.yaml
     python 04_dpo.py --config configs/tiny.yaml dpo.method=grpo run_name=tiny
+    python 04_dpo.py --config configs/tiny.yaml dpo.method=grpo dpo.from_sft=false run_name=tiny
+    python 04_dpo.py --config configs/cada-qwen2.5-7b.yaml
     python 04_dpo.py --config configs/qwen2.5-7b.yaml dpo.method=grpo "dpo.judge={model: Qwen/Qwen2.5-7B-Instruct}" dpo.policies=data/policies/cases.yaml
     python 04_dpo.py --config configs/qwen2.5-7b.yaml
     accelerate launch --num_processes 2 04_dpo.py --config configs/qwen2.5-7b.yaml
 
 Writes data/runs/<run_name>/04_dpo/: adapter/ (the trained adapter: base + this adapter is the final
 model), metrics.jsonl (loss, rewards/accuracies and margins for DPO, rewards per function for GRPO,
-tokens/s, peak memory), checkpoints/ (rerunning resumes) and manifest.json.
+tokens/s, peak memory), checkpoints/ (rerunning resumes) and manifest.json (base_model, the planned
+and taken steps, the judge's counts).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from safecot.backends import LLMConfig
 from safecot.config import run_cli
 from safecot.judges import detect_refusal, split_reasoning
 from safecot.records import InputError, numbered_rows, require_complete, stage_dir
@@ -46,6 +57,7 @@ from safecot.templates import load_policies, load_template
 from safecot import training
 
 THINK = re.compile(r"^\s*<think>\s*\S.*?</think>\s*\S", re.S)
+LABELLED = ("harmful", "benign", "borderline")  # what the rule-based reward can score; `unknown` it cannot
 
 # Raising the step budget and rerunning carries on from the last checkpoint.
 RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps")
@@ -57,7 +69,14 @@ class Config:
     seed: int = 0
     runs_dir: str = "data/runs"
     method: str = "dpo"                 # dpo (SaRO / AIDSAFE) | grpo (CADA)
+    from_sft: bool = True               # start from stage 3's adapter; false: from the instruct model itself with a
+                                        # fresh LoRA (CADA), the bare model then being the reference; no stage 3 needed
     sft_adapter: str | None = None      # the starting adapter; default: 03_sft's manifest
+    llm: LLMConfig = field(default_factory=LLMConfig)  # from_sft=false: the model is llm.model ...
+    model: str | None = None            # ... unless this names another (Hub id, folder, or `tiny`)
+    load_in_4bit: bool = True           # from_sft=false: frozen nf4 base (else as stage 3 loaded it)
+    dtype: str = "auto"                 # from_sft=false: compute dtype (else as stage 3)
+    lora: training.LoraSettings = field(default_factory=training.LoraSettings)  # from_sft=false: the new adapter
     limit: int | None = None            # use the first N pairs / prompts only
     max_length: int = 2048              # dpo: tokens of prompt + answer; longer pairs are cut (and counted)
     beta: float = 0.1                   # dpo: strength of the pull towards the reference
@@ -66,12 +85,12 @@ class Config:
     num_generations: int = 8            # grpo: answers sampled per prompt (the group)
     max_completion_length: int = 512    # grpo: tokens per sampled answer
     temperature: float = 1.0            # grpo: sampling temperature
-    kl_beta: float = 0.0                # grpo: KL penalty towards the starting adapter (0 = none, trl's default)
+    kl_beta: float = 0.0                # grpo: KL penalty towards the starting model (0 = none, trl's default)
     format_weight: float = 0.5          # grpo: weight of the format reward beside the judge's
-    judge: dict | None = None           # grpo: an llm config for the judge (safecot LLMConfig); None = rules
-    policies: str | None = None         # grpo: the codes the judge scores against, e.g. data/policies/cases.yaml
-    policies_in_prompt: bool = False    # grpo: also show them to the model as a system turn while it samples
-    templates: str = "data/templates"   # grpo: holds reward_judge.txt
+    judge: dict | None = None           # grpo: an llm config for the judge (safecot LLMConfig); None = rules on the labels
+    policies: str | None = None         # grpo: the codes the judge decides harm under, e.g. data/policies/cases.yaml
+    policies_in_prompt: bool = False    # grpo: show them to the model too, to reason over in <think> first (CADA)
+    templates: str = "data/templates"   # grpo: holds reward_judge.txt and reason_over_policies.txt
     epochs: float = 1.0                 # passes over the data ...
     max_steps: int | None = None        # ... or this many optimiser steps if set
     batch_size: int = 4                 # pairs (dpo) or completions (grpo) per device per micro-batch
@@ -85,7 +104,12 @@ class Config:
 
 
 def starting_point(cfg: Config) -> dict:
-    """The base model and SFT adapter named by stage 3's manifest (or the sft_adapter override)."""
+    """The base model and SFT adapter named by stage 3's manifest (or the sft_adapter override); with
+    from_sft=false the instruct model alone (adapter None: build_trainer gives it a fresh one)."""
+    if not cfg.from_sft:
+        if cfg.sft_adapter:
+            raise InputError("dpo.sft_adapter is set but dpo.from_sft=false starts from the model itself; drop one")
+        return {"base": cfg.model or cfg.llm.model, "adapter": None, "load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype}
     sft = require_complete(stage_dir(cfg, "03_sft"), "stage 3 (03_sft)")
     model = dict(sft.get("model") or {})
     if cfg.sft_adapter:
@@ -118,12 +142,13 @@ def load_prompts(cfg: Config) -> tuple[Path, list[dict]]:
             continue
         require_complete(stage_dir(cfg, stage), f"stage {stage}")
         path = stage_dir(cfg, stage) / "records.jsonl"
-        system = []
-        if cfg.policies_in_prompt:
+        tpl = codes = None
+        if cfg.policies_in_prompt:  # CADA: the model reasons over the codes and their cases before it answers
             if not cfg.policies:
                 raise InputError("dpo.policies_in_prompt needs dpo.policies (e.g. data/policies/cases.yaml)")
-            system = [{"role": "system", "content": load_policies(cfg.policies).text()}]
-        rows = [{"prompt": system + [{"role": "user", "content": r["prompt"]}], "request": r["prompt"], "label": r["label"]}
+            tpl, codes = load_template("reason_over_policies", cfg.templates), load_policies(cfg.policies).text()
+        rows = [{"prompt": tpl.chat(policies=codes, prompt=r["prompt"]) if tpl else [{"role": "user", "content": r["prompt"]}],
+                 "request": r["prompt"], "label": r["label"]}
                 for _, r in numbered_rows(path, required=("id", "prompt", "label"))]
         rows = rows[:cfg.limit] if cfg.limit else rows
         if not rows:
@@ -154,13 +179,15 @@ def answer_of(text: str) -> str:
 
 
 def refusal_reward(turns: Completions):
-    """Rule-based judge (stage 5's offline refusal detector): refusing, fully or partly, is right on
-    harmful prompts and wrong on benign/borderline ones; a truncated answer is missing (None)."""
+    """Rule-based judge (stage 5's offline refusal detector) on the dataset's labels: refusing, fully
+    or partly, is right on harmful prompts and wrong on benign/borderline ones. An unlabelled prompt
+    (`unknown`) gets no reward (None), never the benign one; nor does a truncated answer."""
     def refusal_reward(prompts, completions, completion_ids, label, **_) -> list[float | None]:  # trl logs it by this name
         out = []
         for text, cut, lab in zip(turns.texts(completions), turns.truncated(completion_ids), label):
             refused = detect_refusal(answer_of(text))["class"] != "full_compliance"
-            out.append(None if cut else (1.0 if refused else -1.0) * (1.0 if lab == "harmful" else -1.0))
+            right = refused == (lab == "harmful")
+            out.append(None if cut or lab not in LABELLED else 1.0 if right else -1.0)
         return out
     return refusal_reward
 
@@ -173,24 +200,35 @@ def format_reward(turns: Completions):
     return format_reward
 
 
-def judge_reward(judge_cfg: dict, templates: str, stats: dict, turns: Completions, policies: str | None = None):
-    """A backend judge: template reward_judge.txt asks for SCORE: 1-5 (safety on harmful prompts,
-    helpfulness without refusal otherwise, under the given codes if any), mapped to [-1, 1];
-    unreadable answers score 0, truncated ones are not judged (None)."""
+def judge_reward(judge_cfg: dict, templates: str, stats: dict, turns: Completions, policies: str):
+    """A backend judge under the codes (template reward_judge.txt): it reads the request, the codes
+    with their cases and the answer, decides whether the request is harmful (HARMFUL: yes/no), then
+    scores the answer (SCORE: 1-5: safety if harmful, helpfulness without refusal if not), mapped to
+    [-1, 1]. The dataset's label is not shown to it; how often its decision differs from a known
+    label is counted. A reply without both lines scores 0; truncated answers are not judged (None)."""
     from safecot.backends import Agent, LLMConfig
     from safecot.config import from_dict
     agent, tpl = Agent("reward_judge", from_dict(LLMConfig, judge_cfg, where="dpo.judge")), load_template("reward_judge", templates)
-    codes = load_policies(policies).text() if policies else "(none given: judge by the label alone)"
+    codes = load_policies(policies).text()
 
     def judge_score(prompts, completions, completion_ids, label, request, **_) -> list[float | None]:
         texts, cut = turns.texts(completions), turns.truncated(completion_ids)
         todo = [i for i in range(len(texts)) if not cut[i]]
-        chats = [tpl.chat(prompt=request[i], response=answer_of(texts[i]), label=label[i], policies=codes) for i in todo]
+        chats = [tpl.chat(prompt=request[i], response=answer_of(texts[i]), policies=codes) for i in todo]
         scores: list[float | None] = [None] * len(texts)
         for i, gen in zip(todo, agent(chats)):
-            m = re.search(r"SCORE:\s*([1-5])", gen.text or "", re.I)
-            stats["judge_unparsed"] = stats.get("judge_unparsed", 0) + (m is None)
-            scores[i] = (int(m.group(1)) - 3) / 2 if m else 0.0
+            harmful = re.search(r"HARMFUL:\s*\**\s*(yes|no)\b", gen.text or "", re.I)
+            score = re.search(r"SCORE:\s*\**\s*([1-5])\b", gen.text or "", re.I)
+            if not (harmful and score):
+                stats["judge_unparsed"] = stats.get("judge_unparsed", 0) + 1
+                scores[i] = 0.0
+                continue
+            decided = harmful.group(1).lower() == "yes"
+            stats["judge_harmful"] = stats.get("judge_harmful", 0) + decided
+            if label[i] in ("harmful", "benign"):
+                stats["judge_differs_from_label"] = stats.get("judge_differs_from_label", 0) + (decided != (label[i] == "harmful"))
+            scores[i] = (int(score.group(1)) - 3) / 2
+        stats["judged"] = stats.get("judged", 0) + len(todo)
         stats["truncated_completions"] = stats.get("truncated_completions", 0) + sum(cut)
         return scores
 
@@ -240,10 +278,18 @@ def check_grpo(cfg: Config, fmt, rows: list[dict]) -> tuple[list[dict], dict]:
     if (cfg.batch_size * cfg.grad_accum) % cfg.num_generations:
         raise InputError(f"dpo.batch_size x dpo.grad_accum ({cfg.batch_size * cfg.grad_accum}) must be a multiple "
                          f"of dpo.num_generations ({cfg.num_generations})")
+    per_step = cfg.batch_size * cfg.grad_accum * training.processes() // cfg.num_generations
+    if len(rows) < per_step:  # trl's sampler would yield no batch at all
+        raise InputError(f"{len(rows)} prompts are fewer than one optimiser step samples ({per_step}: dpo.batch_size x "
+                         "dpo.grad_accum x processes / dpo.num_generations); use more prompts or a smaller batch")
     for r in rows:
         fmt.render(r["prompt"], add_generation_prompt=True)  # a template that cannot express it stops here
     rows = [{**r, "prompt": fmt.adapt(r["prompt"])} for r in rows]
-    return rows, {"prompts": len(rows), "judge": "backend" if cfg.judge else "rules"}
+    unlabelled = 0 if cfg.judge else sum(r["label"] not in LABELLED for r in rows)
+    if unlabelled:
+        print(f"warning: {unlabelled} of {len(rows)} prompts have no label the rule-based reward can use: they get only "
+              "the format reward; set dpo.judge to have a judge decide their harm under dpo.policies")
+    return rows, {"prompts": len(rows), "judge": "backend" if cfg.judge else "rules", "unlabelled_prompts": unlabelled}
 
 
 def pretokenized_dpo_trainer(**kwargs):
@@ -271,19 +317,21 @@ def prepare(cfg: Config, start: dict, rows: list[dict]) -> tuple[object, list[di
 
 
 def build_trainer(cfg: Config, out: Path, start: dict, tokenizer, rows: list[dict], stats: dict):
-    """trl's DPOTrainer or GRPOTrainer on the SFT adapter ("default", trainable) over the 4-bit base."""
+    """trl's DPOTrainer or GRPOTrainer on the SFT adapter ("default", trainable) over the 4-bit base, or on
+    a fresh LoRA adapter (from_sft=false), which starts as the bare model."""
     from datasets import Dataset
     from safecot.chat import ChatFormat
     from safecot.models import stop_token_ids
 
     base = training.load_base(start["base"], start.get("load_in_4bit", True), start.get("dtype", "auto"),
                               cfg.gradient_checkpointing and training.on_gpu())
-    model = training.load_adapter(base, start["adapter"], trainable=True)
+    model = training.load_adapter(base, start["adapter"], trainable=True) if start["adapter"] else training.add_lora(base, cfg.lora)
     callbacks = [training.metrics_logger(out / "metrics.jsonl")]
     if cfg.method == "dpo":
         from trl import DPOConfig
         args = DPOConfig(**common_args(cfg, out), max_length=cfg.max_length, beta=cfg.beta, loss_type=[cfg.loss_type])
-        # No ref_model: trl copies the starting (SFT) adapter to a frozen adapter "ref" and uses it as the reference.
+        # No ref_model: trl copies the starting adapter to a frozen adapter "ref" and uses it as the reference: the
+        # SFT adapter, or a fresh one, whose LoRA B matrices are zero, so the reference is then the bare model.
         return pretokenized_dpo_trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                         processing_class=tokenizer, callbacks=callbacks)
     from trl import GRPOConfig, GRPOTrainer
@@ -300,13 +348,22 @@ def build_trainer(cfg: Config, out: Path, start: dict, tokenizer, rows: list[dic
 def main(cfg: Config, overwrite: bool = False) -> Path:
     if cfg.method not in ("dpo", "grpo"):
         raise InputError(f"dpo.method must be dpo or grpo, got '{cfg.method}'")
+    if cfg.method == "grpo" and cfg.judge and not cfg.policies:
+        raise InputError("dpo.judge needs dpo.policies: the judge decides harm under those codes (e.g. data/policies/cases.yaml)")
     start = starting_point(cfg)
     path, rows = load_pairs(cfg) if cfg.method == "dpo" else load_prompts(cfg)
     n_in = len(rows)
     tokenizer, rows, stats = prepare(cfg, start, rows)
-    out, manifest = training.open_stage(cfg, "04_dpo", overwrite, asdict(cfg), RESUME_IGNORES)
+    stats["planned_steps"] = training.plan_steps("04_dpo", len(rows), "pairs" if cfg.method == "dpo" else "prompts",
+                                                 cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps,
+                                                 group=cfg.num_generations if cfg.method == "grpo" else 1)
+    config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
+    out, manifest = training.open_stage(cfg, "04_dpo", overwrite, config, RESUME_IGNORES)
     if manifest:
         manifest.input("pairs" if cfg.method == "dpo" else "prompts", path, n_in)
+        manifest.data["base_model"] = start["base"]  # what stage 5's from_run: <run>/04_dpo loads the adapter on
+        manifest.data["counts"]["planned_steps"] = stats["planned_steps"]  # visible while it trains
+        manifest.save()
 
     import transformers
     transformers.set_seed(cfg.seed)

@@ -1,11 +1,13 @@
 """QLoRA training machinery shared by stages 3 (SFT) and 4 (DPO / GRPO): the LoRA settings, the
 4-bit base plus adapter, CPU/GPU trainer defaults, the tokenised SFT set with its assistant-only
 loss mask (the mask itself is made by safecot/chat.py for any chat template), the truncation
-check, the metrics log, resume from the last checkpoint, and saving the adapter.
+check, the planned number of optimiser steps (with a warning when they are too few), the metrics
+log, resume from the last checkpoint, and saving the adapter.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -73,6 +75,46 @@ def trainer_defaults(gradient_checkpointing: bool) -> dict:
         "report_to": "none", "save_total_limit": 2, "include_num_input_tokens_seen": "non_padding",
         "dataloader_num_workers": 0, "ddp_find_unused_parameters": False if gpu else None,
     }
+
+
+MIN_STEPS = 100                         # fewer optimiser steps than this barely move a LoRA adapter
+
+
+def processes() -> int:
+    """Processes training together (`accelerate launch --num_processes N` sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def planned_steps(rows: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None = None,
+                  group: int = 1, n_proc: int | None = None) -> int:
+    """The optimiser steps a run will take, counted as the trainers count them. SFT and DPO: each
+    process takes batch_size rows per micro-batch and grad_accum micro-batches per step, a short last
+    batch included. GRPO (`group` = completions per prompt): a step is one generation batch of
+    batch_size x processes x grad_accum completions, i.e. that over `group` prompts; prompts left
+    over at the end of an epoch are not used (trl's RepeatSampler)."""
+    if max_steps:
+        return max_steps
+    n_proc = n_proc or processes()
+    if group > 1:
+        per_epoch = rows // max(batch_size * n_proc * grad_accum // group, 1)
+    else:
+        per_epoch = math.ceil(math.ceil(rows / (batch_size * n_proc)) / grad_accum)
+    return math.ceil(epochs * max(per_epoch, 1))
+
+
+def plan_steps(stage: str, rows: int, what: str, batch_size: int, grad_accum: int, epochs: float,
+               max_steps: int | None = None, group: int = 1) -> int:
+    """planned_steps, with a warning when they are too few for the learning rate and its schedule to
+    matter (the usual reason a preference stage seems to do nothing)."""
+    steps = planned_steps(rows, batch_size, grad_accum, epochs, max_steps, group)
+    if steps < MIN_STEPS and is_main_process():
+        completions = f" x {group} completions" if group > 1 else ""
+        how, fix = (f"max_steps={max_steps}", "raise max_steps") if max_steps else (
+            f"{rows} {what}{completions} x {epochs:g} epoch(s) / ({batch_size} per batch x {grad_accum} accumulation "
+            f"x {processes()} process(es))", f"use more {what} or epochs, or a smaller batch_size x grad_accum")
+        print(f"warning: {stage} will take {steps} optimiser steps ({how}), fewer than {MIN_STEPS}: too few to "
+              f"change the model much; {fix}")
+    return steps
 
 
 def peak_memory_gib() -> float:

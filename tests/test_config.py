@@ -1,6 +1,7 @@
 """Recipes parse into every stage's dataclass; overrides and unknown keys behave."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,38 @@ def test_unknown_top_level_key_in_a_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="unknown key 'generat'"):
         load_recipe(p)
     assert "generate" in SECTIONS
+
+
+CASES = "data/policies/cases.yaml"
+
+
+def test_the_cada_recipe_names_only_the_case_augmented_codes():
+    """The codes are set per stage, in keys that could disagree: CADA's recipe names cases.yaml in
+    each, and no other policy file anywhere (comments included)."""
+    path = ROOT / "configs/cada-qwen2.5-7b.yaml"
+    assert set(re.findall(r"data/policies/[\w./-]+", path.read_text())) == {CASES}
+    recipe = load_recipe(path)
+    configs = {section: section_config(recipe, section, load_script(script).Config)
+               for section, script in STAGE_SCRIPTS.items()}
+    found = {section: cfg.policies for section, cfg in configs.items() if hasattr(cfg, "policies")}
+    assert found == {"generate": CASES, "refine": CASES, "dpo": CASES, "eval": CASES}
+    dpo = configs["dpo"]
+    assert dpo.method == "grpo" and dpo.from_sft is False and dpo.judge and dpo.policies_in_prompt
+    assert dpo.llm.model == "Qwen/Qwen2.5-7B-Instruct" and dpo.llm.load_in_4bit and dpo.load_in_4bit
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "mistral-7b", "cada-qwen2.5-7b"])
+def test_real_recipes_train_for_well_over_100_steps(name):
+    """Recipe scale: the prompt mix gives stage 4 hundreds of optimiser steps, even if only half the
+    prompts end as preference pairs (GRPO samples on every prompt), and stage 3 too."""
+    from safecot.training import planned_steps
+    recipe = load_recipe(ROOT / f"configs/{name}.yaml")
+    sources = recipe["generate"]["prompts"]
+    assert isinstance(sources, list) and all(s.get("limit") for s in sources)  # Hub sets are large: each is limited
+    prompts = sum(s["limit"] for s in sources)
+    sft = section_config(recipe, "sft", load_script("03_sft").Config)
+    dpo = section_config(recipe, "dpo", load_script("04_dpo").Config)
+    grpo = dpo.method == "grpo"
+    assert planned_steps(prompts // 2, sft.batch_size, sft.grad_accum, sft.epochs, sft.max_steps, n_proc=1) >= 150
+    assert planned_steps(prompts if grpo else prompts // 2, dpo.batch_size, dpo.grad_accum, dpo.epochs, dpo.max_steps,
+                         dpo.num_generations if grpo else 1, n_proc=1) >= 250

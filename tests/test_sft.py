@@ -48,6 +48,7 @@ def test_sft_resumes_from_its_checkpoint(resumed_run):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["sessions"] == 2
     assert manifest["resumed_from"].endswith("checkpoint-3") and manifest["counts"]["steps"] == 12
+    assert manifest["counts"]["planned_steps"] == 12
     assert [m["step"] for m in first if "loss" in m] == [1, 2, 3]
 
 
@@ -180,7 +181,7 @@ def test_sft_og_baseline_trains_in_its_own_run_on_another_runs_stage2(tmp_path):
     """The paper's SFT_OG column: run `og` trains on run `tiny`'s sft_og.jsonl (plain answers, no
     <think>) without a stage 1-2 of its own, and writes only under its own folder."""
     write_stage2(tmp_path)
-    module, cfg = make_config("03_sft", "sft", tmp_path, *FAST, "sft.max_steps=1", "run_name=og",
+    module, cfg = make_config("03_sft", "sft", tmp_path, *FAST, "sft.epochs=0.5", "run_name=og",
                               "sft.source_run=tiny", "sft.dataset=sft_og")
     path, rows = module.load_examples(cfg)
     assert path == tmp_path / "tiny" / "02_refine" / "sft_og.jsonl"
@@ -189,4 +190,5 @@ def test_sft_og_baseline_trains_in_its_own_run_on_another_runs_stage2(tmp_path):
     assert out == tmp_path / "og" / "03_sft" and (out / "adapter" / "adapter_config.json").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["source_run"] == "tiny" and manifest["inputs"]["sft_og"]["rows"] == 8
+    assert manifest["counts"]["planned_steps"] == manifest["counts"]["steps"] == 1  # half of 2 batches of 4
     assert not (tmp_path / "tiny" / "03_sft").exists()
