@@ -179,6 +179,7 @@ def test_refiner_grader_and_training_sets(tmp_path, scripted, stage1):
     assert sft[1]["content"].startswith("<think>\nThe request is benign.\n") and sft[1]["content"].endswith("</think>\n\nFinal answer.")
     assert rows["sft_og"][0]["messages"][1]["content"] == "A plain answer."
     assert manifest["status"] == "complete" and manifest["counts"]["sft_rows"] == 6
+    assert manifest["grader"] == {"model": "tiny", "is_generator": True}   # said, so a reader knows the grades are self-graded
     assert manifest["counts"]["thoughts_removed"] == {"duplicate": 12, "near_duplicate": 6}
     # the export in the released AIDSAFE schema
     with (out / "aidsafe.csv").open() as f:
@@ -189,7 +190,9 @@ def test_refiner_grader_and_training_sets(tmp_path, scripted, stage1):
 def test_malformed_refiner_and_grader_outputs(tmp_path, scripted, stage1):
     scripted.script = default_script(refine="I would keep most of them.", grade=lambda chat: "Looks fine to me!")
     out, rows, manifest = refine_run(tmp_path, "refine.dedup_threshold=null", "refine.pair_min_gap=1",
-                                     "refine.min_grades={coherence: 4}")
+                                     "refine.min_grades={coherence: 4}", "refine.grader={model: judge, temperature: 0.0}")
+    assert manifest["grader"] == {"model": "judge", "is_generator": False}
+    assert {m for m, _ in scripted.calls_log} >= {"tiny", "judge"}
     rec = rows["records"][0]
     assert "refine" in rec["parse_failures"] and rec["refiner_raw"] == "I would keep most of them."
     assert len(rec["refined_thoughts"]) == 4  # exact-duplicate pass only, then everything kept
