@@ -77,6 +77,9 @@ BUILTIN = {
     "mmlu": SuiteSpec("mmlu", "utility", str(DATA / "utility.jsonl")),
     "refusal_check": SuiteSpec("refusal_check", "judge_check", str(DATA / "refusal_labels.jsonl"), task="refusal",
                                columns={"label": "refusal"}),
+    # measure only: the detector was never tuned on it, and must not be, or its figure stops meaning anything
+    "refusal_heldout": SuiteSpec("refusal_heldout", "judge_check", str(DATA / "refusal_heldout.jsonl"), task="refusal",
+                                 columns={"label": "refusal"}),
     # the papers' benchmarks on the Hub (need network access; some are gated: accept their terms)
     "beavertails": SuiteSpec("beavertails", "harmful", "hf:PKU-Alignment/BeaverTails", split="30k_test",
                              where={"is_safe": False}, defaults={"label": "harmful"}),

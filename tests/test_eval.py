@@ -218,6 +218,9 @@ def test_refusal_detector_classes():
 def test_builtin_offline_suites():
     sizes = {n: len(load_suite(suite_spec(n))) for n in ("harmful", "jailbreak", "xstest", "mmlu")}
     assert sizes["harmful"] == 20 and sizes["xstest"] == 20 and sizes["mmlu"] == 20
+    checks = {n: load_suite(suite_spec(n)) for n in ("refusal_check", "refusal_heldout")}
+    assert [len(v) for v in checks.values()] == [90, 78]
+    assert {r["label"] for v in checks.values() for r in v} == {"full_compliance", "full_refusal", "partial_refusal"}
     jb = load_suite(suite_spec("jailbreak"))
     templates = {r["template"] for r in jb}
     assert len(jb) == 5 * len(templates) and "none" in templates
