@@ -502,5 +502,6 @@ def test_tiny_model_end_to_end(tmp_path):
     assert len(rows["sft"]) == len(rows["sft_og"]) == len(rows["dpo"]) == 3
     assert {r["id"]: r["messages"][1]["content"] for r in rows["sft_og"]} == {r["id"]: r["original_response"] for r in given}
     assert rows["records"][0]["grades"]["judge"] == "hf:tiny"
-    # the random model never ends its turn: every refiner output hit its budget, kept (refine.keep_unfinished) and counted
-    assert manifest["counts"]["truncated"]["refine"] == 3 and manifest["counts"]["truncated_dropped"] == {"sft": 0, "sft_og": 0}
+    # the random model rarely ends its turn: refiner outputs that hit their budget are kept (refine.keep_unfinished)
+    # and counted; how many of the three is up to the sampled tokens
+    assert 1 <= manifest["counts"]["truncated"]["refine"] <= 3 and manifest["counts"]["truncated_dropped"] == {"sft": 0, "sft_og": 0}
