@@ -65,6 +65,17 @@ def default_script(refine="KEEP: 1, 2, 3\nREMOVE:\n- 4: redundant\nRESPONSE:\nFi
     return script
 
 
+def spying(role: str, seen: list, base=None):
+    """The default script, recording the last message of every chat sent to `role`."""
+    base = base or default_script()
+
+    def script(chat, model):
+        if stage2_role(chat) == role:
+            seen.append(chat[-1]["content"])
+        return base(chat, model)
+    return script
+
+
 def prompt_of(chat, prompts: list[str]) -> int:
     """Which of the run's prompts a stage-2 chat is about (-1: none, e.g. a whisperer's)."""
     text = chat[-1]["content"]
@@ -157,13 +168,7 @@ def test_refiner_reads_numbers_ranges_and_reasons_leniently(reply, kept, reasons
 
 def test_refiner_grader_and_training_sets(tmp_path, scripted, stage1):
     seen = []
-    base = default_script()
-
-    def script(chat, model):
-        if stage2_role(chat) == "refine":
-            seen.append(chat[-1]["content"])
-        return base(chat, model)
-    scripted.script = script
+    scripted.script = spying("refine", seen)
     out, rows, manifest = refine_run(tmp_path, "refine.dedup_threshold=0.9")
     rec = rows["records"][0]
     audit = [(t["source"], t["kept"], t["reason"]) for t in rec["thought_audit"]]
@@ -466,13 +471,7 @@ def test_sft_og_takes_the_datasets_responses(tmp_path, scripted):
                            "generate.n_agents=1", "generate.max_rounds=1")
     gen.main(cfg)
     asked = []
-    base = default_script()
-
-    def script(chat, model):
-        if stage2_role(chat) == "plain":
-            asked.append(chat[-1]["content"])
-        return base(chat, model)
-    scripted.script = script
+    scripted.script = spying("plain", asked)
     _, out, manifest = refine_run(tmp_path, "refine.pair_min_gap=null", "refine.dedup_threshold=null")
     og = {r["id"]: r["messages"][1]["content"] for r in out["sft_og"]}
     assert og == {rows[0]["id"]: "Dataset answer one.", rows[1]["id"]: "Dataset answer two.", rows[2]["id"]: "A plain answer."}
