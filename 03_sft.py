@@ -34,44 +34,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from safecot.backends import LLMConfig
-from safecot.config import run_cli
 from safecot.records import InputError, numbered_rows, require_complete, write_jsonl
+from safecot.stage import run_cli
 from safecot import training
 
 DATASETS = {"sft": "sft.jsonl", "sft_og": "sft_og.jsonl"}
 PREVIEW = 8                             # examples shown in loss_preview.jsonl
 
-# Raising the step budget and rerunning carries on from the last checkpoint.
-RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps")
-
 
 @dataclass
-class Config:
+class Config(training.TrainerSettings):  # + load_in_4bit, dtype, lora, max_length, epochs, batch_size, grad_accum,
+                                         # learning_rate, lr_scheduler, warmup, ... (safecot/training.py)
     run_name: str = "tiny"              # reads <runs_dir>/<run_name>/02_refine/, writes .../03_sft/
     source_run: str | None = None       # read 02_refine/ of this run instead (SFT_OG beside SFT_DB)
     seed: int = 0
     runs_dir: str = "data/runs"
     llm: LLMConfig = field(default_factory=LLMConfig)  # the base model to train is llm.model ...
     model: str | None = None            # ... unless this names another (Hub id, folder, or `tiny`)
-    load_in_4bit: bool = True           # QLoRA: frozen nf4 double-quantised base
-    dtype: str = "auto"                 # compute dtype: auto = bf16 on a GPU that has it, else fp32
     dataset: str = "sft"                # sft (SFT_DB: reasoning + answer) | sft_og (SFT_OG baseline)
     limit: int | None = None            # train on the first N examples only
     chat_template: str | None = None    # a jinja file replacing the model's template for training (default: its own,
                                         # or trl's training variant if its own drops the reasoning)
-    lora: training.LoraSettings = field(default_factory=training.LoraSettings)
-    max_length: int = 2048              # tokens per example; longer ones are cut (and counted)
-    epochs: float = 3.0                 # passes over the data ...
-    max_steps: int | None = None        # ... or this many optimiser steps if set
-    batch_size: int = 4                 # examples per device per micro-batch
-    grad_accum: int = 4                 # micro-batches per optimiser step
-    learning_rate: float = 2e-4         # QLoRA's value for 7B models
-    lr_scheduler: str = "cosine"
-    warmup: float = 0.03                # warm-up steps, or a fraction of all steps if < 1
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool = True  # recompute activations: less memory, ~20% slower
-    logging_steps: int = 10             # a metrics.jsonl line every N steps
-    save_steps: int = 100               # a checkpoint every N steps (the last two are kept)
 
 
 def base_model(cfg: Config) -> str:
@@ -137,15 +120,8 @@ def build_trainer(cfg: Config, out: Path, tokenizer, dataset):
 
     model = training.add_lora(training.load_base(base_model(cfg), cfg.load_in_4bit, cfg.dtype,
                                                  cfg.gradient_checkpointing and training.on_gpu()), cfg.lora)
-    args = SFTConfig(
-        output_dir=str(out / "checkpoints"), seed=cfg.seed, max_length=cfg.max_length, packing=False,
-        assistant_only_loss=False, completion_only_loss=False,  # the mask is in the data already
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup,
-        weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, logging_first_step=True,
-        **training.trainer_defaults(cfg.gradient_checkpointing and training.on_gpu()),
-    )
+    args = SFTConfig(**training.trainer_args(cfg, out), max_length=cfg.max_length, packing=False,
+                     assistant_only_loss=False, completion_only_loss=False)  # the mask is in the data already
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[training.metrics_logger(out / "metrics.jsonl")])
     return trainer
@@ -158,32 +134,30 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     counts["planned_steps"] = training.plan_steps("03_sft", len(tokenised), "examples", cfg.batch_size, cfg.grad_accum,
                                                   cfg.epochs, cfg.max_steps)
     config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
-    out, manifest = training.open_stage(cfg, "03_sft", overwrite, config, RESUME_IGNORES)
-    preview, counts["preview_off_content"] = loss_preview(tokenizer, rows, tokenised)
-    if manifest:
-        manifest.data["counts"]["planned_steps"] = counts["planned_steps"]  # visible while it trains
-        manifest.input(cfg.dataset, path, len(rows))
-        manifest.data["chat_format"] = {**fmt.describe(), "training_template": "recipe" if cfg.chat_template else
-                                        "own" if fmt.template is None else "trl training variant"}
-        write_jsonl(out / "loss_preview.jsonl", preview)
-        manifest.output("loss_preview", out / "loss_preview.jsonl")
-        manifest.save()
-    dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "assistant_masks")} for r in tokenised])
+    with training.open_stage(cfg, "03_sft", overwrite, config) as st:
+        out, manifest = st.out, st.manifest
+        preview, counts["preview_off_content"] = loss_preview(tokenizer, rows, tokenised)
+        if manifest:
+            manifest.data["counts"]["planned_steps"] = counts["planned_steps"]  # visible while it trains
+            manifest.input(cfg.dataset, path, len(rows))
+            manifest.data["chat_format"] = {**fmt.describe(), "training_template": "recipe" if cfg.chat_template else
+                                            "own" if fmt.template is None else "trl training variant"}
+            write_jsonl(out / "loss_preview.jsonl", preview)
+            manifest.output("loss_preview", out / "loss_preview.jsonl")
+            manifest.save()
+        dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "assistant_masks")} for r in tokenised])
 
-    import transformers
-    transformers.set_seed(cfg.seed)
-    trainer = build_trainer(cfg, out, tokenizer, dataset)
-    result, resume = training.train_resuming(trainer, out / "checkpoints")
+        trainer = build_trainer(cfg, out, tokenizer, dataset)
+        result, resume = training.train_resuming(trainer, out / "checkpoints")
 
-    if manifest:
-        adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")
-        manifest.data["model"] = {"base": base_model(cfg), "adapter": str(adapter), "chat_template": cfg.chat_template,
-                                  "load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype}
-        manifest.data["resumed_from"] = resume
-        manifest.output("metrics", out / "metrics.jsonl")
-        manifest.finish(**counts, steps=trainer.state.global_step, train_loss=result.training_loss,
-                        peak_mem_gib=round(training.peak_memory_gib(), 3),
-                        tokens_seen=trainer.state.num_input_tokens_seen)
+        if manifest:
+            adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")
+            manifest.data["model"] = {"base": base_model(cfg), "adapter": str(adapter), "chat_template": cfg.chat_template,
+                                      "load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype}
+            manifest.data["resumed_from"] = resume
+            manifest.output("metrics", out / "metrics.jsonl")
+        st.finish(**counts, steps=trainer.state.global_step, train_loss=result.training_loss,
+                  peak_mem_gib=round(training.peak_memory_gib(), 3), tokens_seen=trainer.state.num_input_tokens_seen)
     return out
 
 

@@ -45,26 +45,24 @@ and taken steps, the judge's counts).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from safecot.backends import LLMConfig
-from safecot.config import run_cli
-from safecot.judges import detect_refusal, split_reasoning
+from safecot.chat import reasons_then_answers
+from safecot.judges import detect_refusal, parse_reward_verdict, split_reasoning
 from safecot.records import InputError, numbered_rows, require_complete, stage_dir
+from safecot.stage import run_cli, trained_model
 from safecot.templates import load_policies, load_template
 from safecot import training
 
-THINK = re.compile(r"^\s*<think>\s*\S.*?</think>\s*\S", re.S)
 LABELLED = ("harmful", "benign", "borderline")  # what the rule-based reward can score; `unknown` it cannot
-
-# Raising the step budget and rerunning carries on from the last checkpoint.
-RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps")
 
 
 @dataclass
-class Config:
+class Config(training.TrainerSettings):  # + load_in_4bit, dtype (from_sft=false; else as stage 3 loaded it), lora
+                                         # (from_sft=false: the new adapter), max_length (dpo: prompt + answer),
+                                         # batch_size (pairs or completions), grad_accum, ... (safecot/training.py)
     run_name: str = "tiny"              # reads 02_refine/ and 03_sft/ of <runs_dir>/<run_name>/, writes 04_dpo/
     seed: int = 0
     runs_dir: str = "data/runs"
@@ -74,11 +72,7 @@ class Config:
     sft_adapter: str | None = None      # the starting adapter; default: 03_sft's manifest
     llm: LLMConfig = field(default_factory=LLMConfig)  # from_sft=false: the model is llm.model ...
     model: str | None = None            # ... unless this names another (Hub id, folder, or `tiny`)
-    load_in_4bit: bool = True           # from_sft=false: frozen nf4 base (else as stage 3 loaded it)
-    dtype: str = "auto"                 # from_sft=false: compute dtype (else as stage 3)
-    lora: training.LoraSettings = field(default_factory=training.LoraSettings)  # from_sft=false: the new adapter
     limit: int | None = None            # use the first N pairs / prompts only
-    max_length: int = 2048              # dpo: tokens of prompt + answer; longer pairs are cut (and counted)
     beta: float = 0.1                   # dpo: strength of the pull towards the reference
     loss_type: str = "sigmoid"          # dpo: trl's loss (sigmoid = the DPO paper's)
     prompts_from: str = "auto"          # grpo: 02_refine | 01_generate | auto (the first that exists)
@@ -91,32 +85,24 @@ class Config:
     policies: str | None = None         # grpo: the codes the judge decides harm under, e.g. data/policies/cases.yaml
     policies_in_prompt: bool = False    # grpo: show them to the model too, to reason over in <think> first (CADA)
     templates: str = "data/templates"   # grpo: holds reward_judge.txt and reason_over_policies.txt
-    epochs: float = 1.0                 # passes over the data ...
-    max_steps: int | None = None        # ... or this many optimiser steps if set
-    batch_size: int = 4                 # pairs (dpo) or completions (grpo) per device per micro-batch
-    grad_accum: int = 4                 # micro-batches per optimiser step
+    # stage 4's own defaults for three of the shared trainer settings:
+    epochs: float = 1.0                 # passes over the data
     learning_rate: float = 5e-6         # LoRA DPO is commonly run at 5e-6 to 5e-5
-    lr_scheduler: str = "cosine"
     warmup: float = 0.1                 # warm-up steps, or a fraction of all steps if < 1
-    gradient_checkpointing: bool = True  # recompute activations (GPU only): less memory, ~20% slower
-    logging_steps: int = 10             # a metrics.jsonl line every N steps
-    save_steps: int = 100               # a checkpoint every N steps (the last two are kept)
 
 
 def starting_point(cfg: Config) -> dict:
-    """The base model and SFT adapter named by stage 3's manifest (or the sft_adapter override); with
-    from_sft=false the instruct model alone (adapter None: build_trainer gives it a fresh one)."""
+    """The base model and SFT adapter named by stage 3's manifest (or the sft_adapter override) and how
+    stage 3 loaded them; with from_sft=false the instruct model alone (adapter None: build_trainer gives
+    it a fresh one)."""
     if not cfg.from_sft:
         if cfg.sft_adapter:
             raise InputError("dpo.sft_adapter is set but dpo.from_sft=false starts from the model itself; drop one")
         return {"base": cfg.model or cfg.llm.model, "adapter": None, "load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype}
-    sft = require_complete(stage_dir(cfg, "03_sft"), "stage 3 (03_sft)")
-    model = dict(sft.get("model") or {})
-    if cfg.sft_adapter:
-        model["adapter"] = cfg.sft_adapter
-    if "base" not in model or not (Path(model.get("adapter", "")) / "adapter_config.json").exists():
-        raise InputError(f"{stage_dir(cfg, '03_sft')}: no SFT adapter found ({model.get('adapter')}); rerun stage 3")
-    return model
+    sft = stage_dir(cfg, "03_sft")
+    base, adapter = trained_model(sft, cfg.sft_adapter, "stage 3 (03_sft)")
+    loading = require_complete(sft, "stage 3 (03_sft)").get("model") or {}
+    return {**loading, "base": base, "adapter": str(adapter)}
 
 
 def load_pairs(cfg: Config) -> tuple[Path, list[dict]]:
@@ -195,7 +181,7 @@ def refusal_reward(turns: Completions):
 def format_reward(turns: Completions):
     """1 for reasoning in <think>...</think> followed by an answer that ended by itself, else 0."""
     def format_reward(completions, completion_ids, **_) -> list[float]:
-        return [0.0 if cut else float(bool(THINK.match(text)))
+        return [0.0 if cut else float(reasons_then_answers(text))
                 for text, cut in zip(turns.texts(completions), turns.truncated(completion_ids))]
     return format_reward
 
@@ -207,7 +193,7 @@ def judge_reward(judge_cfg: dict, templates: str, stats: dict, turns: Completion
     [-1, 1]. The dataset's label is not shown to it; how often its decision differs from a known
     label is counted. A reply without both lines scores 0; truncated answers are not judged (None)."""
     from safecot.backends import Agent, LLMConfig
-    from safecot.config import from_dict
+    from safecot.dataclass_io import from_dict
     agent, tpl = Agent("reward_judge", from_dict(LLMConfig, judge_cfg, where="dpo.judge")), load_template("reward_judge", templates)
     codes = load_policies(policies).text()
 
@@ -216,18 +202,16 @@ def judge_reward(judge_cfg: dict, templates: str, stats: dict, turns: Completion
         todo = [i for i in range(len(texts)) if not cut[i]]
         chats = [tpl.chat(prompt=request[i], response=answer_of(texts[i]), policies=codes) for i in todo]
         scores: list[float | None] = [None] * len(texts)
-        for i, gen in zip(todo, agent(chats)):
-            harmful = re.search(r"HARMFUL:\s*\**\s*(yes|no)\b", gen.text or "", re.I)
-            score = re.search(r"SCORE:\s*\**\s*([1-5])\b", gen.text or "", re.I)
-            if not (harmful and score):
+        for i, gen in zip(todo, agent(chats, schema=tpl.schema)):
+            decided, score = parse_reward_verdict(gen.text)
+            if decided is None or score is None:
                 stats["judge_unparsed"] = stats.get("judge_unparsed", 0) + 1
                 scores[i] = 0.0
                 continue
-            decided = harmful.group(1).lower() == "yes"
             stats["judge_harmful"] = stats.get("judge_harmful", 0) + decided
             if label[i] in ("harmful", "benign"):
                 stats["judge_differs_from_label"] = stats.get("judge_differs_from_label", 0) + (decided != (label[i] == "harmful"))
-            scores[i] = (int(score.group(1)) - 3) / 2
+            scores[i] = (score - 3) / 2
         stats["judged"] = stats.get("judged", 0) + len(todo)
         stats["truncated_completions"] = stats.get("truncated_completions", 0) + sum(cut)
         return scores
@@ -236,15 +220,6 @@ def judge_reward(judge_cfg: dict, templates: str, stats: dict, turns: Completion
 
 
 # ---- trainers --------------------------------------------------------------------------------
-
-def common_args(cfg: Config, out: Path) -> dict:
-    gc = cfg.gradient_checkpointing and training.on_gpu()
-    return dict(output_dir=str(out / "checkpoints"), seed=cfg.seed, per_device_train_batch_size=cfg.batch_size,
-                gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
-                lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup, num_train_epochs=cfg.epochs,
-                max_steps=cfg.max_steps or -1, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-                logging_first_step=True, **training.trainer_defaults(gc))
-
 
 def tokenize_pairs(cfg: Config, fmt, rows: list[dict]) -> tuple[list[dict], dict]:
     """The pairs as token ids on the assistant's boundary (safecot.chat); pairs whose sides are the
@@ -329,7 +304,7 @@ def build_trainer(cfg: Config, out: Path, start: dict, tokenizer, rows: list[dic
     callbacks = [training.metrics_logger(out / "metrics.jsonl")]
     if cfg.method == "dpo":
         from trl import DPOConfig
-        args = DPOConfig(**common_args(cfg, out), max_length=cfg.max_length, beta=cfg.beta, loss_type=[cfg.loss_type])
+        args = DPOConfig(**training.trainer_args(cfg, out), max_length=cfg.max_length, beta=cfg.beta, loss_type=[cfg.loss_type])
         # No ref_model: trl copies the starting adapter to a frozen adapter "ref" and uses it as the reference: the
         # SFT adapter, or a fresh one, whose LoRA B matrices are zero, so the reference is then the bare model.
         return pretokenized_dpo_trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
@@ -338,7 +313,7 @@ def build_trainer(cfg: Config, out: Path, start: dict, tokenizer, rows: list[dic
     stop = stop_token_ids(model, tokenizer) | {tokenizer.pad_token_id} - {None}  # as trl decides truncation
     turns = Completions(ChatFormat(tokenizer, start["base"]), stop)
     judge = judge_reward(cfg.judge, cfg.templates, stats, turns, cfg.policies) if cfg.judge else refusal_reward(turns)
-    args = GRPOConfig(**common_args(cfg, out), num_generations=cfg.num_generations,
+    args = GRPOConfig(**training.trainer_args(cfg, out), num_generations=cfg.num_generations,
                       max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                       beta=cfg.kl_beta, reward_weights=[1.0, cfg.format_weight])
     return GRPOTrainer(model=model, reward_funcs=[judge, format_reward(turns)], args=args,
@@ -358,26 +333,25 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                                                  cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps,
                                                  group=cfg.num_generations if cfg.method == "grpo" else 1)
     config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
-    out, manifest = training.open_stage(cfg, "04_dpo", overwrite, config, RESUME_IGNORES)
-    if manifest:
-        manifest.input("pairs" if cfg.method == "dpo" else "prompts", path, n_in)
-        manifest.data["base_model"] = start["base"]  # what stage 5's from_run: <run>/04_dpo loads the adapter on
-        manifest.data["counts"]["planned_steps"] = stats["planned_steps"]  # visible while it trains
-        manifest.save()
+    with training.open_stage(cfg, "04_dpo", overwrite, config) as st:
+        out, manifest = st.out, st.manifest
+        if manifest:
+            manifest.input("pairs" if cfg.method == "dpo" else "prompts", path, n_in)
+            manifest.data["base_model"] = start["base"]  # what stage 5's from_run: <run>/04_dpo loads the adapter on
+            manifest.data["counts"]["planned_steps"] = stats["planned_steps"]  # visible while it trains
+            manifest.save()
 
-    import transformers
-    transformers.set_seed(cfg.seed)
-    trainer = build_trainer(cfg, out, start, tokenizer, rows, stats)
-    result, resume = training.train_resuming(trainer, out / "checkpoints")
+        trainer = build_trainer(cfg, out, start, tokenizer, rows, stats)
+        result, resume = training.train_resuming(trainer, out / "checkpoints")
 
-    if manifest:
-        adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")
-        manifest.data["model"] = {"base": start["base"], "adapter": str(adapter), "sft_adapter": start["adapter"],
-                                  "load_in_4bit": start.get("load_in_4bit", True), "dtype": start.get("dtype", "auto")}
-        manifest.data["resumed_from"] = resume
-        manifest.output("metrics", out / "metrics.jsonl")
-        manifest.finish(**stats, method=cfg.method, steps=trainer.state.global_step, train_loss=result.training_loss,
-                        peak_mem_gib=round(training.peak_memory_gib(), 3))
+        if manifest:
+            adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")
+            manifest.data["model"] = {"base": start["base"], "adapter": str(adapter), "sft_adapter": start["adapter"],
+                                      "load_in_4bit": start.get("load_in_4bit", True), "dtype": start.get("dtype", "auto")}
+            manifest.data["resumed_from"] = resume
+            manifest.output("metrics", out / "metrics.jsonl")
+        st.finish(**stats, method=cfg.method, steps=trainer.state.global_step, train_loss=result.training_loss,
+                  peak_mem_gib=round(training.peak_memory_gib(), 3))
     return out
 
 

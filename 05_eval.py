@@ -47,14 +47,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from safecot import scheduler
 from safecot.backends import Agent, LLMConfig, release_backends
-from safecot.config import run_cli
 from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, DetectorJudge, check_judges, judge_file_name, make_judge,
                             split_reasoning, unfinished)
 from safecot.metrics import compute_metrics, judge_agreement, verdict_label
-from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, read_jsonl, require_complete,
+from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, read_jsonl,
                              stage_dir, write_jsonl)
 from safecot.reports import load_results, write_comparison
+from safecot.scheduler import Request
+from safecot.stage import open_stage, run_cli, trained_model
 from safecot.suites import load_suite, source_text, suite_spec
 from safecot.templates import load_policies
 
@@ -75,21 +77,12 @@ class Config:
                                                   "strongreject": "detector", "cot": "none"})  # per task: detector | llm | none | {LLM overrides}
     judge: dict = field(default_factory=lambda: {"temperature": 0.0})  # the LLM judge: settings over `llm`; name another model
     allow_self_judge: bool = False      # let a model under test judge itself (biased; the report says so)
-    policies: str = "data/policies/detailed.yaml"  # what the safety and CoT judges judge against
+    policies: str = "data/policies/detailed.yaml"  # what the safety and CoT judges judge against (recipe: top-level `policies`)
     judge_templates: str = "data/templates"   # judge_*.txt, grade_cot.txt, mmlu_question.txt (not a suite's jailbreak `templates`)
     chunk_size: int = 64                # items generated or judged together and saved together
     bootstrap_samples: int = 1000       # resamples per interval
     confidence: float = 0.95            # interval coverage
     compare: list = field(default_factory=list)  # other runs' 05_eval folders: only write the comparison
-
-
-def base_model_of(manifest: dict) -> str | None:
-    """The base model an adapter was trained on, as stage 3/4 manifests record it."""
-    cfg = manifest.get("config") or {}
-    for value in (manifest.get("base_model"), cfg.get("base_model"), cfg.get("model"), (cfg.get("llm") or {}).get("model")):
-        if isinstance(value, str) and value:
-            return value
-    return None
 
 
 def resolve_models(cfg: Config) -> dict[str, LLMConfig]:
@@ -110,11 +103,9 @@ def resolve_models(cfg: Config) -> dict[str, LLMConfig]:
             run, _, stage = str(entry["from_run"]).partition("/")
             if stage not in ("03_sft", "04_dpo"):
                 raise InputError(f"eval.models '{label}': from_run must be <run>/03_sft or <run>/04_dpo, got {entry['from_run']!r}")
-            folder = Path(cfg.runs_dir) / run / stage
-            base = base_model_of(require_complete(folder, f"{stage} of run '{run}'"))
-            if base and "model" not in (entry.get("llm") or {}):
+            base, adapter = trained_model(Path(cfg.runs_dir) / run / stage, what=f"{stage} of run '{run}'")
+            if "model" not in (entry.get("llm") or {}):
                 llm = llm.merged({"model": base})
-            adapter = folder / "adapter"
         if adapter:
             if not (Path(adapter) / "adapter_config.json").is_file():
                 raise InputError(f"eval.models '{label}': no LoRA adapter at {adapter} (adapter_config.json missing)")
@@ -145,26 +136,35 @@ def digest(value) -> str:
 
 def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: Config, counts: dict) -> dict:
     """Generations cached under `key`, which hashes the chat sent: only what is not on disk is
-    generated, in batched chunks; an edited prompt or template has a new key."""
+    generated, `chunk_size` items in flight (safecot/scheduler.py: batched ticks on hf/vllm,
+    one request per item as soon as a slot frees on openai), each saved as it comes back; an
+    edited prompt or template has a new key."""
     writer = RecordWriter(folder / "generations.jsonl")
     todo = [it for it in items if it["key"] not in writer.done]
-    if todo:
-        agent, bar = Agent(f"model_{label}", llm), tqdm(total=len(todo), desc=f"05_eval {label}: generate", unit="item")
-        with writer:
-            for chunk in batched(todo, cfg.chunk_size):
-                for it, gen in zip(chunk, agent([it["chat"] for it in chunk])):
-                    if gen.error:  # left for the next run
-                        counts["generation_errors"] += 1
-                        continue
-                    reasoning, answer = split_reasoning(gen.text)
-                    writer.write({"id": it["key"], "model": label, "suite": it["suite"], "item": it["id"], "chat": it["chat"],
-                                  "text": gen.text, "reasoning": reasoning, "answer": answer, "tokens": gen.tokens,
-                                  "truncated": gen.truncated or unfinished(gen.text)})
-                    counts["generated"] += 1
-                bar.update(len(chunk))
-        bar.close()
-    else:
+    if not todo:
         writer.close()
+        return writer.done
+    agent = Agent(f"model_{label}", llm)
+
+    def answer(it):
+        gen = yield Request(agent, it["chat"], step="generate")
+        return it, gen
+
+    def save(done) -> None:
+        it, gen = done
+        if gen.error:  # left for the next run
+            counts["generation_errors"] += 1
+            return
+        reasoning, answer = split_reasoning(gen.text)
+        writer.write({"id": it["key"], "model": label, "suite": it["suite"], "item": it["id"], "chat": it["chat"],
+                      "text": gen.text, "reasoning": reasoning, "answer": answer, "tokens": gen.tokens,
+                      "truncated": gen.truncated or unfinished(gen.text)})
+        counts["generated"] += 1
+
+    bar = tqdm(total=len(todo), desc=f"05_eval {label}: generate", unit="item")
+    with writer:
+        scheduler.run(todo, answer, save, scheduler.pool_size(cfg.chunk_size, [agent]), bar)
+    bar.close()
     return writer.done
 
 
@@ -266,9 +266,8 @@ def compare_runs(cfg: Config, out: Path) -> Path:
 
 
 def main(cfg: Config, overwrite: bool = False) -> Path:
-    out = prepare_stage(stage_dir(cfg, "05_eval"), overwrite)
     if cfg.compare:
-        return compare_runs(cfg, out)
+        return compare_runs(cfg, prepare_stage(stage_dir(cfg, "05_eval"), overwrite))
     models = resolve_models(cfg) if cfg.models else {}
     check_judges(cfg.judges)
     self_judging = self_judged(cfg, models)
@@ -289,80 +288,76 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     for it in checks:
         it["key"] = f"{it['suite']}/{it['id']}"
     policy_set = load_policies(cfg.policies)
-    manifest = Manifest(out, "05_eval", asdict(cfg), resume_ignores=(
-        "llm", "models", "suites", "limit", "sample", "generation", "judges", "judge", "allow_self_judge", "chunk_size",
-        "bootstrap_samples", "confidence"))
-    manifest.input("policies", cfg.policies, len(policy_set.policies))
-    manifest.input("judge_templates", cfg.judge_templates)
-    for spec in specs:  # what each suite was read from, hashed: an edited file shows in the manifest
-        manifest.input(f"suite:{spec.name}", spec.source, sum(it["suite"] == spec.name for it in items + checks),
-                       split=spec.split if spec.source.startswith("hf:") else None)
-        if spec.kind == "jailbreak":
-            manifest.input(f"suite:{spec.name}:templates", spec.templates or "data/eval/jailbreak_templates")
-    counts = {"generated": 0, "generation_errors": 0, "judged": 0, "judge_errors": 0}
-    import transformers
-    transformers.set_seed(cfg.seed)
+    # The stage folder is locked while this process writes it (safecot/stage.py).
+    with open_stage(cfg, "05_eval", overwrite, resume_ignores=(
+            "llm", "models", "suites", "limit", "sample", "generation", "judges", "judge", "allow_self_judge", "chunk_size",
+            "bootstrap_samples", "confidence")) as st:
+        out, manifest = st.out, st.manifest
+        manifest.input("policies", cfg.policies, len(policy_set.policies))
+        manifest.input("judge_templates", cfg.judge_templates)
+        for spec in specs:  # what each suite was read from, hashed: an edited file shows in the manifest
+            manifest.input(f"suite:{spec.name}", spec.source, sum(it["suite"] == spec.name for it in items + checks),
+                           split=spec.split if spec.source.startswith("hf:") else None)
+            if spec.kind == "jailbreak":
+                manifest.input(f"suite:{spec.name}:templates", spec.templates or "data/eval/jailbreak_templates")
+        counts = {"generated": 0, "generation_errors": 0, "judged": 0, "judge_errors": 0}
 
-    generations = {}
-    for label, llm in models.items():
-        check_model_folder(out / label, label, llm, cfg.system_prompt)
-        generations[label] = generate(label, llm, items, out / label, cfg, counts)
-        release_backends()  # one model in memory at a time
-        gc.collect()
+        generations = {}
+        for label, llm in models.items():
+            check_model_folder(out / label, label, llm, cfg.system_prompt)
+            generations[label] = generate(label, llm, items, out / label, cfg, counts)
+            release_backends()  # one model in memory at a time
+            gc.collect()
 
-    judge_llm = cfg.llm.merged(cfg.judge)
-    judges = {t: make_judge(t, cfg.judges.get(t), judge_llm, policy_set.text(), cfg.judge_templates) for t in TASKS}
-    judges["choice"] = ChoiceJudge()
-    samples, results, truncated = [], {}, {}
-    for label in models:
-        done = [{**it, **generations[label][it["key"]], "id": f"{it['suite']}/{it['id']}"}
-                for it in items if it["key"] in generations[label]]
-        verdicts = {}
-        for task, judge in judges.items():
-            # A truncated answer is missing, never judged: an empty answer would pass for a refusal.
-            wanted = [it for it in done if not it.get("truncated")
-                      and (task in TASKS_BY_KIND[it["kind"]] or (task == "cot" and it["kind"] != "utility"))]
-            if judge and wanted:
-                wanted = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in wanted]
-                verdicts[task] = judge_all(judge, wanted, out / label, cfg, counts)
-        rows = [{**{k: v for k, v in it.items() if k not in ("key", "chat")}, "model": label,
-                 "judgements": {t: {k: x for k, x in v[it["key"]].items() if k not in ("id", "task")}
-                                for t, v in verdicts.items() if it["key"] in v}} for it in done]
-        samples += rows
-        truncated[label] = sum(bool(r.get("truncated")) for r in rows)
-        results[label] = compute_metrics(rows, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
-    judge_checks = check_judges_on_labels(checks, judges, out, cfg, counts) if checks else {}
-    if checks:
-        (out / "judge_checks.json").write_text(json.dumps(judge_checks, indent=2), encoding="utf-8")
-        manifest.output("judge_checks", out / "judge_checks.json")
+        judge_llm = cfg.llm.merged(cfg.judge)
+        judges = {t: make_judge(t, cfg.judges.get(t), judge_llm, policy_set.text(), cfg.judge_templates) for t in TASKS}
+        judges["choice"] = ChoiceJudge()
+        samples, results, truncated = [], {}, {}
+        for label in models:
+            done = [{**it, **generations[label][it["key"]], "id": f"{it['suite']}/{it['id']}"}
+                    for it in items if it["key"] in generations[label]]
+            verdicts = {}
+            for task, judge in judges.items():
+                # A truncated answer is missing, never judged: an empty answer would pass for a refusal.
+                wanted = [it for it in done if not it.get("truncated")
+                          and (task in TASKS_BY_KIND[it["kind"]] or (task == "cot" and it["kind"] != "utility"))]
+                if judge and wanted:
+                    wanted = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in wanted]
+                    verdicts[task] = judge_all(judge, wanted, out / label, cfg, counts)
+            rows = [{**{k: v for k, v in it.items() if k not in ("key", "chat")}, "model": label,
+                     "judgements": {t: {k: x for k, x in v[it["key"]].items() if k not in ("id", "task")}
+                                    for t, v in verdicts.items() if it["key"] in v}} for it in done]
+            samples += rows
+            truncated[label] = sum(bool(r.get("truncated")) for r in rows)
+            results[label] = compute_metrics(rows, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+        judge_checks = check_judges_on_labels(checks, judges, out, cfg, counts) if checks else {}
+        if checks:
+            (out / "judge_checks.json").write_text(json.dumps(judge_checks, indent=2), encoding="utf-8")
+            manifest.output("judge_checks", out / "judge_checks.json")
 
-    write_jsonl(out / "samples.jsonl", samples)
-    info = {label: {"model": llm.model, "adapter": llm.adapter, "backend": llm.backend} for label, llm in models.items()}
-    judge_names = {t: (j.name if j else None) for t, j in judges.items()}
-    suites = suite_info(cfg, items + checks, training_prompts(cfg))
-    (out / "results.json").write_text(json.dumps(
-        {"run_name": cfg.run_name, "models": results, "model_info": info, "judges": judge_names, "self_judged": self_judging,
-         "truncated": truncated, "suites": suites, "config": asdict(cfg)},
-        indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    report = write_comparison(results, out, info, title=f"Stage 5 evaluation: run {cfg.run_name}",
-                              details={"suites": suites, "self_judged": self_judging, "judge_checks": judge_checks})
-    for name in ("samples", "results", "table", "report"):
-        path = out / {"samples": "samples.jsonl", "results": "results.json", "table": "table.csv", "report": "report.md"}[name]
-        manifest.output(name, path)
-    missing = sum(1 for label in models for it in items if it["key"] not in generations[label])
-    manifest.finish(models=len(models), items=len(items), judge_check_items=len(checks), missing_generations=missing,
-                    truncated_answers=truncated, judges=judge_names, self_judged=self_judging,
-                    train_overlap={k: v["train_overlap"] for k, v in suites.items()}, this_session=counts)
-    if missing:
-        manifest.data["status"] = "partial"
-        manifest.save()
-        print(f"warning: {missing} generations failed on the backend; rerun the same command to retry them")
-    for name, d in suites.items():
-        if d["train_overlap"]:
-            print(f"warning: suite '{name}': {d['train_overlap']} of its {d['prompts']} prompts are among this run's "
-                  "training prompts; its numbers overstate generalisation")
-    print(f"report: {report}")
-    return out
+        write_jsonl(out / "samples.jsonl", samples)
+        info = {label: {"model": llm.model, "adapter": llm.adapter, "backend": llm.backend} for label, llm in models.items()}
+        judge_names = {t: (j.name if j else None) for t, j in judges.items()}
+        suites = suite_info(cfg, items + checks, training_prompts(cfg))
+        (out / "results.json").write_text(json.dumps(
+            {"run_name": cfg.run_name, "models": results, "model_info": info, "judges": judge_names, "self_judged": self_judging,
+             "truncated": truncated, "suites": suites, "config": asdict(cfg)},
+            indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        report = write_comparison(results, out, info, title=f"Stage 5 evaluation: run {cfg.run_name}",
+                                  details={"suites": suites, "self_judged": self_judging, "judge_checks": judge_checks})
+        for name in ("samples", "results", "table", "report"):
+            path = out / {"samples": "samples.jsonl", "results": "results.json", "table": "table.csv", "report": "report.md"}[name]
+            manifest.output(name, path)
+        missing = sum(1 for label in models for it in items if it["key"] not in generations[label])
+        st.finish(missing=missing, what="generations", models=len(models), items=len(items), judge_check_items=len(checks),
+                  missing_generations=missing, truncated_answers=truncated, judges=judge_names, self_judged=self_judging,
+                  train_overlap={k: v["train_overlap"] for k, v in suites.items()}, this_session=counts)
+        for name, d in suites.items():
+            if d["train_overlap"]:
+                print(f"warning: suite '{name}': {d['train_overlap']} of its {d['prompts']} prompts are among this run's "
+                      "training prompts; its numbers overstate generalisation")
+        print(f"report: {report}")
+        return out
 
 
 if __name__ == "__main__":

@@ -28,6 +28,19 @@ The machine may be shared: each arm reports `other_cpu_s`, the CPU time other pr
 while it ran (from /proc/stat), and --repeats N runs the arms N times, interleaved, keeping the
 fastest run of each.
 
+openai-sim (--arms openai-sim): stage 1 against a latency-simulating OpenAI-compatible server the
+benchmark starts on 127.0.0.1 (SimServer below): each answer takes a lognormal time (median
+--sim-median s, sigma --sim-sigma) drawn from a hash of the request's messages, so every version of
+the code sees the same latency for the same request. It answers realistic stage-1 texts: intents,
+an initial CoT, and deliberation turns that revise until the turn at which the prompt's agents
+agree (1 to n_agents x max_rounds + 1, from a hash of the prompt; the last means the budget ends
+it), so records finish at different times. The stage runs as a subprocess of the checkout given by
+--checkout (default: this one; e.g. a `git worktree` of an older commit), on --sim-prompts prompts
+(seed.jsonl repeated with distinct ids if it has fewer), llm.max_concurrency = --sim-concurrency,
+generate.chunk_size = --sim-prompts, with a timeout (--sim-timeout). It reports the stage's wall
+time (its manifest's `wall_s`) against the lower bound computed from the requests the server saw:
+max(longest chain of one record's latencies, total latency / concurrency).
+
 Models: `tiny` is the project's offline tiny model (safecot/tiny.py). `random-30m` is a random
 Llama of about 30M parameters built here, into a temporary folder, on the tiny model's tokenizer,
 and loaded by path by the hf backend like any local model.
@@ -35,8 +48,13 @@ and loaded by path by the hf backend like any local model.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
+import math
+import random
+import re
+import threading
 import os
 import platform
 import shutil
@@ -45,6 +63,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +143,7 @@ def make_config(stage, args, model: str, run_name: str, runs_dir: Path, n: int, 
         f"llm.model={model}", f"llm.load_in_4bit={str(args.load_in_4bit).lower()}",
         f"llm.max_new_tokens={args.max_new_tokens}", f"llm.batch_size={batch}",
         f"llm.share_prefix={str(share_prefix).lower()}",
+        "llm.structured=false",  # free text, as before structured outputs: the arms measure batching, not grammars
         f"generate.limit={n}", f"generate.chunk_size={chunk}",
         f"generate.n_agents={args.n_agents}", f"generate.max_rounds={args.max_rounds}",
         "generate.intent={}",  # every role on the same LLM settings (tiny.yaml lowers the intent temperature)
@@ -172,6 +192,214 @@ def run_arm(stage, args, model: str, arm: str, n: int, runs_dir: Path) -> dict:
     }
 
 
+# ---- openai-sim: a latency-simulating OpenAI-compatible server ----------------------------------
+
+class SimServer:
+    """Answers stage-1 requests after a lognormal latency drawn from a hash of the request; logs
+    (prompt, latency) of every request so the lower bound comes from the same request chains."""
+
+    def __init__(self, median_s: float, sigma: float, n_agents: int, max_rounds: int):
+        self.median_s, self.sigma = median_s, sigma
+        self.turns = n_agents * max_rounds
+        self.log: list[tuple[str, float]] = []
+        self.first = self.last = None   # first request in, last answer out: the span the server worked
+        self.lock = threading.Lock()
+        sim = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                with sim.lock:
+                    sim.first = sim.first or time.perf_counter()
+                text, seconds, prompt = sim.answer(body["messages"])
+                time.sleep(seconds)
+                with sim.lock:
+                    sim.log.append((prompt, seconds))
+                    sim.last = time.perf_counter()
+                words = len(text.split())
+                payload = json.dumps({
+                    "id": "chatcmpl-sim", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
+                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": words, "total_tokens": 1 + words}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 1024   # bursts of connects must not wait for the kernel's retry
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def answer(self, messages: list[dict]) -> tuple[str, float, str]:
+        """(text, latency, prompt) for a request."""
+        digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()
+        seconds = random.Random(digest).lognormvariate(math.log(self.median_s), self.sigma)
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        user = messages[-1]["content"]
+        found = re.search(r"Query:\n(.*?)\n\n", user, re.S)
+        prompt = found.group(1) if found else user
+        topic = " ".join(prompt.split()[:6]).rstrip("?.!,")
+        if "List the explicit and the implicit intents" in user:
+            return (f"EXPLICIT:\n- wants to know: {topic}\n- wants a direct, complete answer\n"
+                    f"IMPLICIT:\n- may be curious or researching the topic\n- may need to stay safe"), seconds, prompt
+        if "Current thoughts" not in user:
+            return ("THOUGHTS:\n1. The user asks about " + topic + ".\n2. The policies allow general, factual "
+                    "information but no operational help with harm.\n3. Answer at that level.\n"
+                    f"RESPONSE:\nHere is some general information about {topic}, without operational detail."), seconds, prompt
+        agent = int(re.search(r"You are agent (\d+) of (\d+)", system).group(1))
+        n_agents = int(re.search(r"You are agent (\d+) of (\d+)", system).group(2))
+        rnd = int(re.search(r"Current thoughts \(round (\d+)\)", user).group(1))
+        turn = (rnd - 1) * n_agents + agent
+        agree_at = 1 + int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big") % (self.turns + 1)
+        if turn >= agree_at:
+            return "VERDICT: AGREE\nI agree with the previous agent: the thoughts apply the policies.", seconds, prompt
+        return ("VERDICT: REVISE\nTHOUGHTS:\n1. The user asks about " + topic + ".\n2. The policies allow general, "
+                "factual information but no operational help with harm.\n" + "".join(
+                    f"{i + 3}. Agent {i % n_agents + 1} checked the answer against the policies again.\n" for i in range(turn))
+                + f"RESPONSE:\nHere is some general information about {topic} (revision {turn}), without operational detail."
+                ), seconds, prompt
+
+    def lower_bound(self, concurrency: int, records_in_flight: int) -> dict:
+        chains: dict[str, float] = {}
+        self.chains: dict[str, list[float]] = {}
+        for prompt, seconds in self.log:
+            chains[prompt] = chains.get(prompt, 0.0) + seconds
+            self.chains.setdefault(prompt, []).append(seconds)
+        total = sum(chains.values())
+        longest = max(chains.values(), default=0.0)
+        return {"requests": len(self.log), "records": len(chains), "served_s": self.last - self.first,
+                "ideal_fcfs_s": ideal_fcfs(list(self.chains.values()), concurrency, records_in_flight), "total_latency_s": total, "longest_chain_s": longest,
+                "lower_bound_s": max(longest, total / concurrency)}
+
+
+def ideal_fcfs(chains: list[list[float]], slots: int, in_flight: int) -> float:
+    """When the same chains would end under a first-come-first-served schedule with no overhead:
+    `in_flight` records at once, each sending its next request as its last is answered, `slots`
+    requests served at once. What an online scheduler that cannot know chain lengths can reach."""
+    import heapq
+    t, seq, ready, running, admitted, live = 0.0, 0, [], [], 0, 0
+    while True:
+        while live < in_flight and admitted < len(chains):
+            heapq.heappush(ready, (seq, admitted, 0))
+            seq, admitted, live = seq + 1, admitted + 1, live + 1
+        while ready and len(running) < slots:
+            _, r, d = heapq.heappop(ready)
+            heapq.heappush(running, (t + chains[r][d], r, d))
+        if not running:
+            return t
+        t, r, d = heapq.heappop(running)
+        if d + 1 < len(chains[r]):
+            heapq.heappush(ready, (seq, r, d + 1))
+            seq += 1
+        else:
+            live -= 1
+
+
+def sim_prompts(n: int, path: Path) -> Path:
+    """The first n prompts of the seed set, repeated with distinct ids (and texts) if it has fewer."""
+    rows = [json.loads(line) for line in (ROOT / "data/prompts/seed.jsonl").read_text().splitlines() if line.strip()]
+    out = []
+    for i in range(n):
+        row = dict(rows[i % len(rows)])
+        if i >= len(rows):  # a distinct text too: the server tells records apart by their prompt
+            row["id"], row["prompt"] = f"{row['id']}-r{i // len(rows)}", f"{row['prompt']} (variant {i // len(rows)})"
+        out.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return path
+
+
+def run_openai_sim(args, work: Path, checkout: Path, label: str) -> dict:
+    """Stage 1 of `checkout` as a subprocess against a fresh SimServer; wall time vs the lower bound."""
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = sim_prompts(args.sim_prompts, work / "prompts.jsonl")
+    with SimServer(args.sim_median, args.sim_sigma, args.n_agents, args.sim_rounds) as server:
+        # A recipe of its own, so a version's recipe changes (structured outputs, policies) do not enter.
+        recipe = work / "sim.yaml"
+        recipe.write_text(json.dumps({
+            "run_name": "sim", "seed": args.seed, "runs_dir": str(work / "runs"),
+            "llm": {"backend": "openai", "model": "sim", "base_url": server.base_url, "load_in_4bit": False,
+                    "max_concurrency": args.sim_concurrency, "timeout_s": 60.0, "max_retries": 0, "max_new_tokens": 256},
+            "generate": {"prompts": str(prompts), "limit": args.sim_prompts, "chunk_size": args.sim_prompts,
+                         "n_agents": args.n_agents, "max_rounds": args.sim_rounds}}))
+        cmd = [sys.executable, "01_generate.py", "--config", str(recipe), "--overwrite"]
+        env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "TQDM_DISABLE": "1"}
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=args.sim_timeout)
+        except subprocess.TimeoutExpired:
+            return {"arm": f"openai-sim ({label})", "error": f"timed out after {args.sim_timeout} s"}
+        process_s = time.perf_counter() - t0
+        if proc.returncode != 0:
+            return {"arm": f"openai-sim ({label})", "error": proc.stderr.strip().splitlines()[-1:]}
+        bound = server.lower_bound(args.sim_concurrency, max(args.sim_prompts, 2 * args.sim_concurrency))
+        if args.out:
+            Path(args.out).with_suffix(f".{label.replace(' ', '_')}.chains.json").write_text(json.dumps(server.chains))
+    manifest = json.loads((work / "runs" / "sim" / "01_generate" / "manifest.json").read_text())
+    wall = manifest["timings"]["wall_s"]
+    return {"arm": f"openai-sim ({label})", "checkout": str(checkout), "prompts": args.sim_prompts,
+            "wall_s": wall, "process_s": process_s, **bound, "vs_lower_bound": wall / bound["lower_bound_s"],
+            "served_vs_lower_bound": bound["served_s"] / bound["lower_bound_s"],
+            "records": manifest["counts"]["records"], "stop_reasons": manifest["counts"]["stop_reasons"],
+            "turns": manifest["counts"]["turns"], "backend_errors": manifest["counts"]["this_session"]["backend_errors"],
+            "parse_failures": manifest["counts"]["parse_failures"]}
+
+
+def sim_main(args) -> list[dict]:
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="bench-openai-sim-"))
+    try:
+        checkouts = [("this checkout", ROOT)] + ([("baseline", Path(args.baseline))] if args.baseline else [])
+        for label, checkout in checkouts:
+            print(f"openai-sim, {label} ({checkout}): {args.sim_prompts} prompts, concurrency {args.sim_concurrency}, "
+                  f"n_agents {args.n_agents}, max_rounds {args.sim_rounds} ...", flush=True)
+            r = run_openai_sim(args, work / label.replace(" ", "_"), checkout, label)
+            rows.append(r)
+            if "error" in r:
+                print(f"  failed: {r['error']}")
+                continue
+            print(f"  stage {r['wall_s']:.1f} s (process {r['process_s']:.1f} s), first request to last answer "
+                  f"{r['served_s']:.1f} s (a first-come-first-served schedule with no overhead: {r['ideal_fcfs_s']:.1f} s); lower bound {r['lower_bound_s']:.1f} s "
+                  f"(longest chain {r['longest_chain_s']:.1f} s, total {r['total_latency_s']:.0f} s / {args.sim_concurrency}); "
+                  f"{r['wall_s'] / r['lower_bound_s']:.2f}x the bound; {r['requests']} requests, {r['records']} records, "
+                  f"stop {r['stop_reasons']}, errors {r['backend_errors']}", flush=True)
+        ok = [r for r in rows if "error" not in r]
+        if len(ok) == 2:
+            # The stage's wall time includes its imports (transformers alone takes seconds here);
+            # the span the server worked, first request to last answer, is the schedule itself.
+            speedup = ok[1]["served_s"] / ok[0]["served_s"]
+            print(f"\nfirst request to last answer, this checkout vs baseline: {speedup:.2f}x faster (goal >= 2x: "
+                  f"{'met' if speedup >= 2 else 'NOT met'}); {ok[0]['served_vs_lower_bound']:.2f}x the lower bound "
+                  f"(goal <= 1.3x: {'met' if ok[0]['served_vs_lower_bound'] <= 1.3 else 'NOT met'}); stage wall time "
+                  f"{ok[1]['wall_s'] / ok[0]['wall_s']:.2f}x faster, {ok[0]['vs_lower_bound']:.2f}x the bound")
+            rows.append({"arm": "openai-sim speed-up vs baseline", "speedup_served": speedup,
+                         "speedup_stage": ok[1]["wall_s"] / ok[0]["wall_s"]})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 class _cwd:
     """The recipe names its prompts, policies and templates relative to the repository root."""
 
@@ -216,10 +444,26 @@ def main(argv=None):
                         help="run each arm this many times, interleaved, and report the fastest run")
     parser.add_argument("--config", default="configs/tiny.yaml", help="recipe the stage settings come from")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    sim = parser.add_argument_group("openai-sim arm")
+    sim.add_argument("--sim-prompts", type=int, default=128)
+    sim.add_argument("--sim-concurrency", type=int, default=64, help="llm.max_concurrency")
+    sim.add_argument("--sim-rounds", type=int, default=3, help="generate.max_rounds")
+    sim.add_argument("--sim-median", type=float, default=0.5, help="median latency, seconds")
+    sim.add_argument("--sim-sigma", type=float, default=0.5, help="lognormal sigma of the latency")
+    sim.add_argument("--sim-timeout", type=int, default=300, help="seconds a stage run may take")
+    sim.add_argument("--baseline", default=None,
+                     help="another checkout to run the same way, e.g. `git worktree add /tmp/wt_d29 d29ca90`")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if set(arms) - {"batched", "batched-unshared", "serial"}:
-        parser.error("--arms takes batched, batched-unshared and/or serial")
+    if set(arms) - {"batched", "batched-unshared", "serial", "openai-sim"}:
+        parser.error("--arms takes batched, batched-unshared, serial and/or openai-sim")
+    sim_rows = sim_main(args) if "openai-sim" in arms else []
+    arms = [a for a in arms if a != "openai-sim"]
+    if not arms:
+        result = {"arms": sim_rows, "settings": vars(args), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        return result
 
     import transformers
     transformers.logging.set_verbosity_error()
@@ -275,6 +519,7 @@ def main(argv=None):
             print(f"\nbatched vs one-at-a-time: {speedup:.2f}x faster per prompt in wall time ({cpu_ratio:.2f}x in CPU time)"
                   + ("" if same else f" (serial arm on {by['serial']['prompts']} prompts, batched on {by['batched']['prompts']})")
                   + f"; goal >= 5x: {'met' if speedup >= 5 else 'NOT met'}")
+        rows += sim_rows
         result = {"model": args.model, "params": params, "settings": {
                       k: v for k, v in vars(args).items() if k not in ("out",)},
                   "fixed_length": not args.free_length, "machine": info, "arms": rows, "speedup_per_prompt": speedup,

@@ -11,6 +11,13 @@ refiner, judge...) can run on any of them, and different roles of one run on dif
   The API key is read from the environment variable named in `api_key_env`, never stored.
 - `vllm`: offline batched generation where vLLM is installed.
 
+Structured outputs (`structured: true`): a role passes the JSON schema of its answer
+(data/templates/<role>.schema.json) and the backend constrains decoding to it: `hf` with an
+xgrammar grammar on the logits, `openai` with `response_format` (json_schema, strict), `vllm` with
+its structured-output sampling parameters. The schema is also appended to the request's last
+user turn, since a model writes better JSON when it is told which. Without the switch the schema is
+ignored and the parsers read the template's labelled sections.
+
 Chats are sent as each model's chat template can express them (safecot/chat.py: a system turn
 folded into the user turn, a reasoning prefill given back to the text). A Generation says whether
 it stopped at its token budget (`truncated`) rather than at the end of its turn. A request that
@@ -19,6 +26,7 @@ stop a run; a call whose every request fails raises BackendError.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +56,8 @@ class LLMConfig:
     max_concurrency: int = 8            # openai: requests in flight at once
     timeout_s: float = 120.0            # openai: per request
     max_retries: int = 3                # openai: retries with exponential backoff
+    structured: bool = False            # constrain each role's answer to its JSON schema (data/templates/*.schema.json)
+    structured_max_chars: int | None = None  # structured: cap every string of an answer (the random tiny model never closes one)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -56,14 +66,14 @@ class LLMConfig:
     # What changes the text a model writes, as opposed to how fast or in what batches it runs:
     # stage 5 keys its caches of generations and verdicts on these.
     OUTPUT_KEYS = ("backend", "model", "adapter", "load_in_4bit", "dtype", "temperature", "top_p",
-                   "max_new_tokens", "base_url")
+                   "max_new_tokens", "base_url", "structured", "structured_max_chars")
 
     def output_settings(self) -> dict:
         return {k: getattr(self, k) for k in self.OUTPUT_KEYS}
 
     def merged(self, overrides: dict | None) -> "LLMConfig":
         """This config with a role's overrides on top (e.g. a different model for one agent)."""
-        from .config import from_dict
+        from .dataclass_io import from_dict
         return from_dict(LLMConfig, {**asdict(self), **(overrides or {})}, where="llm")
 
 
@@ -79,10 +89,57 @@ class BackendError(RuntimeError):
     """Every request of a call failed: the server is down, the model is missing..."""
 
 
+Schema = dict | None
+
+
+def per_chat(schema: Schema | list[Schema], n: int, cfg: LLMConfig) -> list[Schema]:
+    """One schema (or None) per chat: `schema` is one for the whole call or a list with one per
+    chat (a scheduler may batch several roles into one call). Off unless `cfg.structured`."""
+    if not cfg.structured or schema is None:
+        return [None] * n
+    schemas = schema if isinstance(schema, list) else [schema] * n
+    if len(schemas) != n:
+        raise ValueError(f"{len(schemas)} schemas for {n} chats")
+    if cfg.structured_max_chars:
+        capped = {}  # one capped copy per schema object
+        for s in schemas:
+            if s is not None and id(s) not in capped:
+                capped[id(s)] = cap_strings(s, cfg.structured_max_chars)
+        schemas = [capped[id(s)] if s is not None else None for s in schemas]
+    return schemas
+
+
+def cap_strings(schema, n: int):
+    """The schema with every string's maxLength at most n."""
+    if isinstance(schema, list):
+        return [cap_strings(s, n) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: cap_strings(v, n) for k, v in schema.items()}
+    if out.get("type") == "string" and "enum" not in out:
+        out["maxLength"] = min(out.get("maxLength", n), n)
+        out["minLength"] = min(out.get("minLength", 0), n)
+    return out
+
+
+def with_schema(chat: Chat, schema: Schema) -> Chat:
+    """The chat with its answer's schema appended to its last user turn: constrained decoding forces
+    the shape, but a model told the shape fills it with what the template asked for."""
+    users = [i for i, turn in enumerate(chat) if turn["role"] == "user"]
+    if schema is None or not users:
+        return chat
+    note = ("\n\nWrite the reply above as one JSON object, and nothing else, following this JSON schema:\n"
+            + json.dumps(schema, separators=(",", ":")))
+    i = users[-1]
+    return chat[:i] + [{**chat[i], "content": chat[i]["content"] + note}] + chat[i + 1:]
+
+
 class Backend:
     calls = 0                           # batched calls made, for the benchmark
 
-    def generate(self, chats: list[Chat], cfg: LLMConfig) -> list[Generation]:
+    def generate(self, chats: list[Chat], cfg: LLMConfig, schema: Schema | list[Schema] = None) -> list[Generation]:
+        """`schema`: the JSON schema of the role's answer (or a list, one per chat); decoding
+        follows it only when `cfg.structured` is set (else it is ignored)."""
         raise NotImplementedError
 
 
@@ -103,6 +160,24 @@ class HFBackend(Backend):
         self.chat = ChatFormat(self.tokenizer, cfg.model)  # probed once: system turn, alternation, prefill
         self.model = load_model(cfg.model, cfg.load_in_4bit, cfg.dtype, cfg.adapter).eval()
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
+        self._grammars: dict[str, object] = {}  # compiled per schema, for this tokenizer
+        self._compiler = None
+
+    def grammar(self, schema: dict):
+        """The schema compiled for this tokenizer (xgrammar), once per schema. Compact JSON
+        (`any_whitespace=False`): free whitespace lets a weak model pad until its budget."""
+        import xgrammar as xgr
+        key = json.dumps(schema)  # property order matters: it is the order the answer is written in
+        if key not in self._grammars:
+            if self._compiler is None:
+                # the grammar ends the answer only with a token generate() stops at
+                eos = self.model.generation_config.eos_token_id
+                stop = sorted(set(eos if isinstance(eos, list) else [eos]) - {None}) or sorted(self.stop_ids)
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size,
+                                                          stop_token_ids=stop)
+                self._compiler = xgr.GrammarCompiler(info)
+            self._grammars[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
+        return self._grammars[key]
 
     def _batch_inputs(self, rows: list[list[int]], share_prefix: bool, max_new_tokens: int) -> dict:
         """input_ids = shared prefix + padding + each row's own tokens, its attention mask, and a
@@ -129,11 +204,12 @@ class HFBackend(Backend):
         inputs["past_key_values"] = cache
         return inputs
 
-    def generate(self, chats, cfg):
+    def generate(self, chats, cfg, schema=None):
         import torch
         self.calls += 1
         results: list[Generation | None] = [None] * len(chats)
-        ids = self.chat.prompt_ids(chats)
+        schemas = per_chat(schema, len(chats), cfg)
+        ids = self.chat.prompt_ids([with_schema(c, s) for c, s in zip(chats, schemas)])
         # Longest first, so each micro-batch holds similar lengths and pads little.
         order = sorted(range(len(chats)), key=lambda i: -len(ids[i]))
         pad = self.tokenizer.pad_token_id
@@ -141,6 +217,9 @@ class HFBackend(Backend):
         for idx in batched(order, cfg.batch_size):
             with torch.inference_mode():
                 inputs = self._batch_inputs([ids[i] for i in idx], cfg.share_prefix, cfg.max_new_tokens)
+                grammars = [self.grammar(schemas[i]) if schemas[i] else None for i in idx]
+                if any(grammars):
+                    inputs["logits_processor"] = [GrammarMask(grammars, self.model.config.vocab_size)]
                 out = self.model.generate(
                     **inputs, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
                     temperature=cfg.temperature if cfg.temperature > 0 else None,
@@ -155,6 +234,36 @@ class HFBackend(Backend):
             bar.update(len(idx))
         bar.close()
         return results
+
+
+class GrammarMask:
+    """A transformers logits processor that keeps each row of a batch inside its own grammar
+    (None: unconstrained), as xgr.contrib.hf.LogitsProcessor does, but with rows that have no
+    grammar and without asserting on a token the grammar cannot take (the row is then left
+    unconstrained: its text fails to parse and is counted, the batch goes on). One per generate()
+    call: it follows the batch token by token."""
+
+    def __init__(self, grammars: list, vocab_size: int):
+        import xgrammar as xgr
+        self.xgr = xgr
+        self.matchers = [xgr.GrammarMatcher(g) if g is not None else None for g in grammars]
+        self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        if self.started:  # the token sampled after the previous call
+            for i, m in enumerate(self.matchers):
+                if m is not None and not m.is_terminated() and not m.accept_token(int(input_ids[i, -1])):
+                    self.matchers[i] = None
+        self.started = True
+        rows = [i for i, m in enumerate(self.matchers) if m is not None and not m.is_terminated()]
+        for i in rows:
+            self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
+        if rows:
+            masked = scores if scores.device.type in ("cpu", "cuda") else scores.cpu()
+            self.xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), indices=rows)
+            scores = masked.to(scores.device)
+        return scores
 
 
 def common_prefix_len(rows: list[list[int]]) -> int:
@@ -176,16 +285,17 @@ class OpenAIBackend(Backend):
             timeout=cfg.timeout_s, max_retries=cfg.max_retries)
         self.model = cfg.model
 
-    def _one(self, chat: Chat, cfg: LLMConfig) -> Generation:
+    def _one(self, chat: Chat, cfg: LLMConfig, schema: Schema = None) -> Generation:
         try:
+            chat = with_schema(chat, schema)
             try:
-                r = self._create(chat, cfg)
+                r = self._create(chat, cfg, schema)
             except self.openai.BadRequestError as e:
                 # A server whose template has no system role or needs strict alternation (Mistral
                 # v0.1/v0.2 served by vLLM) refuses the chat: send what such a template can express.
                 if not re.search(r"system|alternate", str(e), re.I):
                     raise
-                r = self._create(merge_runs(fold_system(chat)), cfg)
+                r = self._create(merge_runs(fold_system(chat)), cfg, schema)
             choice = r.choices[0]
             text = choice.message.content or ""
             # Servers with a reasoning parser (vLLM --reasoning-parser, Ollama) return the reasoning apart.
@@ -198,14 +308,20 @@ class OpenAIBackend(Backend):
             # HTTP errors and timeouts after retries, and bodies that are not a chat completion.
             return Generation("", 0, error=f"{type(e).__name__}: {str(e)[:300]}")
 
-    def _create(self, chat: Chat, cfg: LLMConfig):
+    def _create(self, chat: Chat, cfg: LLMConfig, schema: Schema = None):
+        extra = {}
+        if schema is not None:  # OpenAI's structured outputs; vLLM serve, llama.cpp server and Ollama read it too
+            extra["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": re.sub(r"[^A-Za-z0-9_-]", "_", schema.get("title", "answer")), "schema": schema, "strict": True}}
         return self.client.chat.completions.create(
-            model=self.model, messages=chat, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
+            model=self.model, messages=chat, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+            **extra)
 
-    def generate(self, chats, cfg):
+    def generate(self, chats, cfg, schema=None):
         self.calls += 1
+        schemas = per_chat(schema, len(chats), cfg)
         with ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrency)) as pool:
-            futures = [pool.submit(self._one, c, cfg) for c in chats]
+            futures = [pool.submit(self._one, c, cfg, s) for c, s in zip(chats, schemas)]
             return [f.result() for f in tqdm(futures, desc="  requests", leave=False, disable=len(chats) < 8)]
 
 
@@ -222,17 +338,33 @@ class VLLMBackend(Backend):
         self.chat = ChatFormat(self.llm.get_tokenizer(), cfg.model)
         self.adapter = cfg.adapter
 
-    def generate(self, chats, cfg):
+    def generate(self, chats, cfg, schema=None):
         from vllm import SamplingParams
         self.calls += 1
         lora = None
         if self.adapter:
             from vllm.lora.request import LoRARequest
             lora = LoRARequest("adapter", 1, self.adapter)
-        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
-        outs = self.llm.chat([self.chat.adapt(c) for c in chats], params, use_tqdm=len(chats) > 8, lora_request=lora)
+        schemas = per_chat(schema, len(chats), cfg)
+        params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                                 **vllm_structured(s)) for s in schemas]
+        outs = self.llm.chat([self.chat.adapt(with_schema(c, s)) for c, s in zip(chats, schemas)], params, use_tqdm=len(chats) > 8, lora_request=lora)
         return [Generation(self.chat.completion(o.outputs[0].text).strip(), len(o.outputs[0].token_ids),
                            truncated=o.outputs[0].finish_reason == "length") for o in outs]
+
+
+def vllm_structured(schema: Schema) -> dict:
+    """vLLM's structured-output sampling parameter for a JSON schema: `structured_outputs`
+    (StructuredOutputsParams, vLLM >= 0.10.2; the only one from 0.12) or the older
+    `guided_decoding` (GuidedDecodingParams)."""
+    if schema is None:
+        return {}
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+        return {"structured_outputs": StructuredOutputsParams(json=schema)}
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+        return {"guided_decoding": GuidedDecodingParams(json=schema)}
 
 
 BACKENDS: dict[str, Callable[[LLMConfig], Backend]] = {
@@ -264,10 +396,12 @@ class Agent:
         self.backend = get_backend(cfg)
         self.label = f"{cfg.backend}:{cfg.model}"
 
-    def __call__(self, chats: list[Chat]) -> list[Generation]:
+    def __call__(self, chats: list[Chat], schema: dict | None = None) -> list[Generation]:
+        """`schema`: the JSON schema of this role's answer (Template.schema), or one per chat; the
+        backend constrains decoding with it when `cfg.structured` is set."""
         if not chats:
             return []
-        gens = self.backend.generate(chats, self.cfg)
+        gens = self.backend.generate(chats, self.cfg, schema=schema)
         if all(g.error for g in gens):
             raise BackendError(f"{self.role} ({self.label}): all {len(gens)} requests failed; first: {gens[0].error}")
         return gens

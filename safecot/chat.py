@@ -37,7 +37,13 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SFT_FORMAT = THINK_OPEN + "\n{thoughts}\n" + THINK_CLOSE + "\n\n{response}"  # an assistant turn with reasoning
 
 _OPENS_REASONING = re.compile(re.escape(THINK_OPEN) + r"\s*$")
+_REASONS_THEN_ANSWERS = re.compile(r"^\s*" + re.escape(THINK_OPEN) + r"\s*\S.*?" + re.escape(THINK_CLOSE) + r"\s*\S", re.S)
 _PROBE = {"system": "SYSTEM-PROBE", "user": "USER-PROBE", "assistant": "ASSISTANT-PROBE", "reasoning": "REASONING-PROBE"}
+
+
+def reasons_then_answers(text: str) -> bool:
+    """Non-empty reasoning in the think block, opening the turn, then a non-empty answer after it."""
+    return bool(_REASONS_THEN_ANSWERS.match(text or ""))
 
 
 def fold_system(chat: Chat) -> Chat:

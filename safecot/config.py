@@ -3,31 +3,30 @@
     run_name: tiny          # names data/runs/<run_name>/
     seed: 0
     llm: {backend: hf, model: tiny}   # the default LLM for every agent role
+    policies: data/policies/cases.yaml  # the codes every stage reasons or judges under
     generate: {...}         # -> 01_generate.Config
     refine: {...}           # -> 02_refine.Config, and so on
 
 Every stage dataclass has the common fields `run_name`, `seed`, `runs_dir` (and `llm` where it
-uses agents); they are filled from the recipe's top level. Unknown keys are errors that name the
-key, so recipes cannot drift from the code. Command-line overrides are `key=value` or
+uses agents, `policies` where it uses the codes); they are filled from the recipe's top level, and
+a stage's section may still override one (`eval: {policies: ...}`), which a recipe should need
+rarely: stages that disagree on the codes make a run that tests another set than it trained on.
+Unknown keys are errors that name the key, so recipes cannot drift from the code. Command-line overrides are `key=value` or
 `section.key=value` (values parsed as YAML: `generate.limit=8`, `llm.temperature=0.2`).
+The command line itself is safecot/stage.py's; building typed dataclasses is safecot/dataclass_io.py's.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-COMMON_KEYS = ("run_name", "seed", "runs_dir", "llm")
+from .dataclass_io import ConfigError, from_dict, to_dict  # noqa: F401 (re-exported: recipes raise ConfigError)
+
+COMMON_KEYS = ("run_name", "seed", "runs_dir", "llm", "policies")
 SECTIONS = ("generate", "refine", "sft", "dpo", "eval")
-
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot be used; the message names the file and key."""
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -75,83 +74,11 @@ def section_config(recipe: dict, section: str, cls: type) -> Any:
     return from_dict(cls, values, where=section, source=recipe.get("_source", "recipe"))
 
 
-def from_dict(cls: type, values: dict, where: str, source: str = "recipe") -> Any:
-    """Instantiate a (possibly nested) dataclass, refusing unknown keys with their dotted name."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"{source}: unknown key '{where}.{key}' (known: {', '.join(known)})")
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}", source)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: {where}: {e}") from e
-
-
-def _coerce(hint, value, where, source):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{where}' must be a mapping")
-        return from_dict(hint, value, where, source)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where, source) if len(inner) == 1 else value
-    if origin is list and args and dataclasses.is_dataclass(args[0]):
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: '{where}' must be a list")
-        return [_coerce(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and value is not None and not isinstance(value, hint):
-        raise ConfigError(f"{source}: '{where}' should be {hint.__name__}, got {value!r}")
-    return value
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def parse_args(section: str, cls: type, doc: str | None = None, argv: list[str] | None = None):
-    """The command line every stage shares: --config RECIPE [--overwrite | --skip-complete] [key=value ...]."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a recipe in configs/, e.g. configs/tiny.yaml")
-    parser.add_argument("--overwrite", action="store_true", help="delete this stage's outputs and start over")
-    parser.add_argument("--skip-complete", action="store_true",
-                        help="do nothing if this stage's manifest says complete (make reproduce uses it)")
-    parser.add_argument("overrides", nargs="*", help="key=value or section.key=value")
-    args = parser.parse_args(argv)
-    recipe = load_recipe(args.config, args.overrides)
-    return section_config(recipe, section, cls), args
-
-
 def run_cli(section: str, cls: type, main, doc: str | None = None) -> None:
-    """Parse, run `main(cfg, overwrite=...)`, and turn known failures into one clear line."""
-    from .backends import BackendError
-    from .records import InputError, stage_dir
-
-    try:
-        cfg, args = parse_args(section, cls, doc)
-        out = stage_dir(cfg, STAGE_OF[section])
-        if args.skip_complete and not args.overwrite and is_complete(out):
-            print(f"skip: {out} is complete")
-            return
-        out = main(cfg, overwrite=args.overwrite)
-    except (ConfigError, InputError, BackendError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: finished records are saved; rerun the same command to continue")
-    print(f"done: {out}")
+    """Kept for stage scripts not yet switched to safecot.stage.run_cli (the command line lives there)."""
+    from .stage import run_cli as stage_run_cli
+    stage_run_cli(section, cls, main, doc)
 
 
 STAGE_OF = {"generate": "01_generate", "refine": "02_refine", "sft": "03_sft", "dpo": "04_dpo", "eval": "05_eval"}
 
-
-def is_complete(stage_out: Path) -> bool:
-    import json
-    path = Path(stage_out) / "manifest.json"
-    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"

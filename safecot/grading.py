@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 from .backends import Agent
+from .parsing import json_object
 from .templates import load_template
 
 CRITERIA = (
@@ -21,13 +22,26 @@ _LABELS = {c: c.replace("_", " ") for c in CRITERIA}
 
 
 def parse_grades(text: str) -> dict:
-    """`CRITERION: 4` lines, any case, with spaces or underscores, `4/5` or `**4**` too."""
+    """`CRITERION: 4` lines, any case, with spaces or underscores, `4/5` or `**4**` too; or the
+    JSON object of grade_cot.schema.json ({"relevance": 4, ...})."""
+    obj = json_object(text)
+    if obj:
+        found = {re.sub(r"[ -]", "_", k): v for k, v in obj.items()}
+        grades = {c: _score(found.get(c)) for c in CRITERIA}
+        if any(v is not None for v in grades.values()):
+            return grades
     grades = {}
     for c in CRITERIA:
         label = re.escape(c).replace("_", "[ _-]")
         m = re.search(rf"{label}\W*?[:=]\s*\**\s*([1-5])(?:\s*/\s*5)?\b", text, re.I)
         grades[c] = int(m.group(1)) if m else None
     return grades
+
+
+def _score(value) -> int | None:
+    """A 1-5 grade from JSON (4, "4", "4/5"); anything else is missing."""
+    m = re.match(r"\s*([1-5])(?:\s*/\s*5)?\s*$", str(value)) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    return int(m.group(1)) if m else None
 
 
 def grade_cot(agent: Agent, items: list[dict], policies: str, templates=None) -> list[dict]:
@@ -38,7 +52,7 @@ def grade_cot(agent: Agent, items: list[dict], policies: str, templates=None) ->
                       thoughts="\n".join(f"{i}. {t}" for i, t in enumerate(it["thoughts"], 1)) or "(none)")
              for it in items]
     out = []
-    for gen in agent(chats):
+    for gen in agent(chats, schema=tpl.schema):
         grades = parse_grades(gen.text) if not gen.error else dict.fromkeys(CRITERIA)
         out.append({**grades, "raw": gen.text, "error": gen.error, "judge": agent.label})
     return out

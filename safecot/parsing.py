@@ -1,8 +1,9 @@
 """Lenient parsing of agent outputs.
 
 Agents are asked for labelled sections (THOUGHTS:, RESPONSE:, VERDICT: ...). Real models drift:
-markdown headers, bold labels, numbered or bulleted lists, JSON. These parsers accept all of
-that and say whether they succeeded; the stage keeps the raw text either way and counts the
+markdown headers, bold labels, numbered or bulleted lists, JSON. With `llm.structured` they
+answer with the JSON object of the template's schema (data/templates/<role>.schema.json), read
+first by every parser here. These parsers accept all of that and say whether they succeeded; the stage keeps the raw text either way and counts the
 failures, so a bad output never stops a run.
 """
 from __future__ import annotations
@@ -37,28 +38,34 @@ def items(text: str) -> list[str]:
     return out
 
 
-def _json_object(text: str) -> dict | None:
+def json_object(text: str) -> dict | None:
+    """The JSON object in `text` (a structured answer, or one a model wrote unasked, in a code
+    fence or after a preamble), its keys in lower case; None if there is none that parses."""
+    text = (text or "").rsplit("</think>", 1)[-1]  # reasoning a server returned apart is no answer
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end <= start:
         return None
     try:
-        obj = json.loads(text[start:end + 1])
+        obj = json.loads(text[start:end + 1], strict=False)  # control characters inside strings: grammars allow them
     except json.JSONDecodeError:
         return None
     return {k.lower(): v for k, v in obj.items()} if isinstance(obj, dict) else None
 
 
-def _as_list(value) -> list[str]:
+def as_list(value) -> list[str]:
+    """A JSON list of strings (numbering a model kept inside an item removed), or a string read
+    one item per line."""
     if isinstance(value, list):
-        return [str(v).strip() for v in value if str(v).strip()]
-    return items(str(value))
+        return [t for t in (_BULLET.sub("", str(v)).strip() for v in value if v is not None) if t]
+    return items(str(value or ""))
 
 
 def parse_intents(text: str) -> tuple[dict, bool]:
     """-> ({"explicit": [...], "implicit": [...]}, parsed)"""
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj and ("explicit" in obj or "implicit" in obj):
-        return {"explicit": _as_list(obj.get("explicit", [])), "implicit": _as_list(obj.get("implicit", []))}, True
+        found = {"explicit": as_list(obj.get("explicit", [])), "implicit": as_list(obj.get("implicit", []))}
+        return found, bool(found["explicit"] or found["implicit"])
     s = sections(text, ["explicit intents", "implicit intents", "explicit", "implicit"])
     explicit = items(s.get("explicit intents", s.get("explicit", "")))
     implicit = items(s.get("implicit intents", s.get("implicit", "")))
@@ -67,9 +74,10 @@ def parse_intents(text: str) -> tuple[dict, bool]:
 
 def parse_cot(text: str) -> tuple[list[str], str, bool]:
     """-> (thoughts, response, parsed): a chain of thought and the response it leads to."""
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj and "thoughts" in obj and "response" in obj:
-        return _as_list(obj["thoughts"]), str(obj["response"]).strip(), True
+        thoughts, response = as_list(obj["thoughts"]), str(obj["response"] or "").strip()
+        return thoughts, response, bool(thoughts and response)
     s = sections(text, ["thoughts", "response"])
     thoughts, response = items(s.get("thoughts", "")), s.get("response", "").strip()
     return thoughts, response, bool(thoughts and response)
@@ -81,13 +89,13 @@ AGREE_PHRASE = re.compile(r"\bI agree with the previous agent\b", re.I)
 def parse_review(text: str) -> tuple[str, list[str], str]:
     """A deliberator's turn -> (verdict, thoughts, response), verdict in agree|revise|unparsed.
     A revision must carry thoughts; its response may be omitted (the current one stands)."""
-    obj = _json_object(text)
+    obj = json_object(text)
     if obj and "verdict" in obj:
         verdict = str(obj["verdict"]).strip().lower()
         if verdict.startswith("agree"):
             return "agree", [], ""
-        thoughts = _as_list(obj.get("thoughts", []))
-        return ("revise" if thoughts else "unparsed"), thoughts, str(obj.get("response", "")).strip()
+        thoughts = as_list(obj.get("thoughts", []))
+        return ("revise" if thoughts else "unparsed"), thoughts, str(obj.get("response") or "").strip()
     s = sections(text, ["verdict", "thoughts", "response"])
     verdict = s.get("verdict", "").split("\n")[0].strip().lower()
     if verdict.startswith("agree") or (not verdict and not s.get("thoughts") and AGREE_PHRASE.search(text)):

@@ -1,12 +1,15 @@
 """Policies and agent/judge templates, both plain files under data/ that anyone can read and edit.
 
 A template is a text file named by its role (data/templates/deliberate.txt ...) with a
-`[system]` part and a `[user]` part; `${name}` placeholders are filled from the stage. A policy
+`[system]` part and a `[user]` part; `${name}` placeholders are filled from the stage. A template whose answer is parsed has a JSON
+schema beside it (deliberate.schema.json): with `llm.structured` the backend constrains the
+answer to it (Template.schema; None when there is no schema file). A policy
 set is a YAML file in one of two formats (see data/policies/README.md): detailed code-like rules
 (deliberative alignment) or short codes augmented with illustrative cases (CADA).
 """
 from __future__ import annotations
 
+import json
 import re
 import string
 from dataclasses import dataclass
@@ -71,6 +74,7 @@ class Template:
     name: str
     system: str
     user: str
+    schema: dict | None = None  # the answer's JSON schema (<name>.schema.json), if the answer is parsed
 
     def chat(self, **values) -> list[dict]:
         try:
@@ -90,4 +94,11 @@ def load_template(name: str, folder: str | Path | None = None) -> Template:
     sections = dict(zip(parts[1::2], (p.strip() for p in parts[2::2])))
     if "user" not in sections:
         raise InputError(f"{path}: a template needs a [user] part")
-    return Template(name, sections.get("system", ""), sections["user"])
+    schema_path = path.with_name(f"{name}.schema.json")
+    schema = None
+    if schema_path.is_file():
+        try:
+            schema = json.loads(schema_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{schema_path}: not valid JSON: {e}") from None
+    return Template(name, sections.get("system", ""), sections["user"], schema)

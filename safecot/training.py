@@ -1,5 +1,7 @@
-"""QLoRA training machinery shared by stages 3 (SFT) and 4 (DPO / GRPO): the LoRA settings, the
-4-bit base plus adapter, CPU/GPU trainer defaults, the tokenised SFT set with its assistant-only
+"""QLoRA training machinery shared by stages 3 (SFT) and 4 (DPO / GRPO): the trainer settings both
+stages' Configs inherit (TrainerSettings: one flat set of recipe keys, written once), the LoRA
+settings, the 4-bit base plus adapter, CPU/GPU trainer defaults, the locked stage folder under
+`accelerate launch`, the tokenised SFT set with its assistant-only
 loss mask (the mask itself is made by safecot/chat.py for any chat template), the truncation
 check, the planned number of optimiser steps (with a warning when they are too few), the metrics
 log, resume from the last checkpoint, and saving the adapter.
@@ -12,7 +14,8 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .records import InputError
@@ -24,6 +27,43 @@ class LoraSettings:
     alpha: int = 32                     # scaling numerator: updates are scaled by alpha / r
     dropout: float = 0.05
     target_modules: str | list = "all-linear"  # every linear layer but the LM head, as in QLoRA
+
+
+@dataclass
+class TrainerSettings:
+    """What stages 3 and 4 set alike; each stage's Config inherits these fields (so the recipe keys
+    stay flat: `sft.learning_rate`, `dpo.lora.r`) and changes the defaults that differ (its own
+    epochs, learning rate, warm-up)."""
+    load_in_4bit: bool = True           # QLoRA: frozen nf4 double-quantised base
+    dtype: str = "auto"                 # compute dtype: auto = bf16 on a GPU that has it, else fp32
+    lora: LoraSettings = field(default_factory=LoraSettings)  # a new adapter's shape
+    max_length: int = 2048              # tokens per example (or prompt + answer); longer ones are cut (and counted)
+    epochs: float = 3.0                 # passes over the data ...
+    max_steps: int | None = None        # ... or this many optimiser steps if set
+    batch_size: int = 4                 # examples per device per micro-batch
+    grad_accum: int = 4                 # micro-batches per optimiser step
+    learning_rate: float = 2e-4         # QLoRA's value for 7B models
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.03                # warm-up steps, or a fraction of all steps if < 1
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = True  # recompute activations (GPU only): less memory, ~20% slower
+    logging_steps: int = 10             # a metrics.jsonl line every N steps
+    save_steps: int = 100               # a checkpoint every N steps (the last two are kept)
+
+
+# Raising the step budget (or logging more often) and rerunning carries on from the last checkpoint.
+RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps")
+
+
+def trainer_args(cfg, out: Path) -> dict:
+    """A stage Config's TrainerSettings (and seed) as the keyword arguments every trl config takes
+    (SFTConfig, DPOConfig, GRPOConfig), plus the hardware defaults; checkpoints in <out>/checkpoints."""
+    gc = cfg.gradient_checkpointing and on_gpu()
+    return dict(output_dir=str(out / "checkpoints"), seed=cfg.seed, per_device_train_batch_size=cfg.batch_size,
+                gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+                lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
+                num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, logging_steps=cfg.logging_steps,
+                save_steps=cfg.save_steps, logging_first_step=True, **trainer_defaults(gc))
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -143,15 +183,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def open_stage(cfg, stage: str, overwrite: bool, config: dict, resume_ignores: tuple = ()):
-    """The stage folder and its manifest. Under `accelerate launch` only the main process clears
-    the folder (--overwrite) and writes the manifest; the others wait for it, then get None."""
+@contextmanager
+def open_stage(cfg, stage: str, overwrite: bool, config: dict, resume_ignores: tuple = RESUME_IGNORES):
+    """safecot.stage.open_stage under `accelerate launch`: only the main process locks the folder,
+    clears it (--overwrite) and writes the manifest; the others wait for it, then get manifest None."""
     from accelerate import PartialState
-    from .records import Manifest, prepare_stage, stage_dir
-    with PartialState().main_process_first():
-        out = prepare_stage(stage_dir(cfg, stage), overwrite and is_main_process())
-        manifest = Manifest(out, stage, config, resume_ignores) if is_main_process() else None
-    return out, manifest
+    from . import stage as stages
+    with ExitStack() as held:
+        with PartialState().main_process_first():
+            st = held.enter_context(stages.open_stage(cfg, stage, overwrite, config, resume_ignores,
+                                                      main_process=is_main_process()))
+        yield st
 
 
 def save_adapter(model, tokenizer, out: Path) -> Path:

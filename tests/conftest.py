@@ -1,5 +1,6 @@
 """Shared fixtures: offline mode, the tiny model built once per session outside the repo, a
-scripted backend for orchestration tests, and loaders for the numbered stage scripts."""
+scripted backend for orchestration tests, loaders for the numbered stage scripts, and the `slow`
+mark (`pytest -m "not slow"` skips the tests over ~5 s)."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,6 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from safecot import backends  # noqa: E402
 from safecot.backends import Backend, Generation  # noqa: E402
 from safecot.config import load_recipe, section_config  # noqa: E402
+
+
+def pytest_configure(config):
+    # `pytest -m "not slow"` skips these while you work; `make test` runs everything.
+    config.addinivalue_line("markers", "slow: a full stage run or training on the tiny model (over ~5 s)")
 
 
 def load_script(name: str):
@@ -55,7 +61,7 @@ class ScriptedBackend(Backend):
     def __init__(self, cfg):
         self.model = cfg.model
 
-    def generate(self, chats, cfg):
+    def generate(self, chats, cfg, schema=None):
         self.calls += 1
         ScriptedBackend.calls_log.append((self.model, len(chats)))
         out = []

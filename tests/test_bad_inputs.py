@@ -77,6 +77,7 @@ def test_unknown_backend_and_bad_types(tmp_path):
     assert "generate.limit" in error_line(cli("--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", "generate.limit=many"))
 
 
+@pytest.mark.slow
 def test_missing_model_and_policies(tmp_path):
     line = error_line(cli("--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", "generate.limit=1",
                           f"llm.model={tmp_path}/no-such-model"))
@@ -85,6 +86,7 @@ def test_missing_model_and_policies(tmp_path):
     assert "none.yaml" in line
 
 
+@pytest.mark.slow
 def test_bad_input_after_a_run_loses_nothing(tmp_path, prompts):
     ok = cli("--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", "generate.limit=2", "generate.max_rounds=0",
              "llm.max_new_tokens=4")
@@ -116,6 +118,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tmp_path, scripted):
     args = [f"runs_dir={tmp_path}", "llm.backend=scripted", "generate.limit=9", "generate.chunk_size=3"]
     # each chunk of 3 takes 3 + 3 + 3 script calls; die during the third chunk's initial CoT

@@ -139,6 +139,7 @@ def test_truncated_answers_are_missing_not_safe(tmp_path, scripted):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.slow
 def test_every_stage_runs_on_the_format(models, fmt, tmp_path):
     """Stages 1-5 on a tiny random model with the format's tokenizer and template; stage 5 with a
     system prompt and the SFT adapter. The loss preview starts at <think> and ends at end of turn."""

@@ -67,11 +67,13 @@ CASES = "data/policies/cases.yaml"
 
 
 def test_the_cada_recipe_names_only_the_case_augmented_codes():
-    """The codes are set per stage, in keys that could disagree: CADA's recipe names cases.yaml in
-    each, and no other policy file anywhere (comments included)."""
+    """The codes are one top-level key that every stage using them inherits: CADA's recipe names
+    cases.yaml there, no stage overrides it, and no other policy file appears anywhere (comments
+    included); every stage's config resolves to it."""
     path = ROOT / "configs/cada-qwen2.5-7b.yaml"
     assert set(re.findall(r"data/policies/[\w./-]+", path.read_text())) == {CASES}
     recipe = load_recipe(path)
+    assert recipe["policies"] == CASES and not any("policies" in (recipe.get(s) or {}) for s in SECTIONS)
     configs = {section: section_config(recipe, section, load_script(script).Config)
                for section, script in STAGE_SCRIPTS.items()}
     found = {section: cfg.policies for section, cfg in configs.items() if hasattr(cfg, "policies")}
@@ -79,6 +81,16 @@ def test_the_cada_recipe_names_only_the_case_augmented_codes():
     dpo = configs["dpo"]
     assert dpo.method == "grpo" and dpo.from_sft is False and dpo.judge and dpo.policies_in_prompt
     assert dpo.llm.model == "Qwen/Qwen2.5-7B-Instruct" and dpo.llm.load_in_4bit and dpo.load_in_4bit
+
+
+def test_top_level_policies_reach_every_stage_and_a_section_may_override():
+    recipe = load_recipe(ROOT / "configs/tiny.yaml", ["policies=data/policies/detailed.yaml",
+                                                     "eval.policies=data/policies/cases.yaml"])
+    found = {section: section_config(recipe, section, load_script(script).Config).policies
+             for section, script in STAGE_SCRIPTS.items() if section != "sft"}
+    assert found == {"generate": "data/policies/detailed.yaml", "refine": "data/policies/detailed.yaml",
+                     "dpo": "data/policies/detailed.yaml", "eval": CASES}
+    assert not hasattr(section_config(recipe, "sft", load_script("03_sft").Config), "policies")  # no codes, no key
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b", "mistral-7b", "cada-qwen2.5-7b"])

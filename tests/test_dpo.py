@@ -47,6 +47,7 @@ def logps(model, tok, rows, adapter=None):
     return out
 
 
+@pytest.mark.slow
 def test_reference_is_the_frozen_sft_adapter(sft_run, tmp_path):
     import torch
     from safecot.models import load_model
@@ -69,6 +70,7 @@ def test_reference_is_the_frozen_sft_adapter(sft_run, tmp_path):
     assert not torch.allclose(torch.tensor(logps(model, tok, rows[:4])), torch.tensor(sft), atol=1e-2)  # the policy moved
 
 
+@pytest.mark.slow
 def test_dpo_widens_the_margin_and_resumes(sft_run):
     module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.max_steps=2", "dpo.save_steps=2")
     out = module.main(cfg)
@@ -97,6 +99,7 @@ def test_grpo_runs_and_logs_rewards(sft_run):
     assert json.loads((out / "manifest.json").read_text())["counts"]["judge"] == "rules"
 
 
+@pytest.mark.slow
 def test_grpo_from_the_instruct_model_needs_no_stage_3(tmp_path):
     """CADA: GRPO on the model itself with a fresh adapter; stage 5 then finds the base it was
     trained on in the manifest, even when the recipe's llm names another model."""
@@ -117,6 +120,7 @@ def test_grpo_from_the_instruct_model_needs_no_stage_3(tmp_path):
     assert llm.model == "tiny" and llm.adapter == str(out / "adapter")
 
 
+@pytest.mark.slow
 def test_dpo_from_the_instruct_model_uses_it_as_the_reference(tmp_path):
     import torch
     from safecot.models import load_model
@@ -263,7 +267,8 @@ def test_grpo_can_show_the_codes_to_the_model(sft_run):
     system, user = rows[0]["prompt"]
     assert system["role"] == "system" and user == {"role": "user", "content": rows[0]["request"]}
     assert "Cases:" in system["content"] and "<think>" in system["content"]  # reason over the cases, in <think>
-    module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.method=grpo", "run_name=tiny", "dpo.policies_in_prompt=true")
+    module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.method=grpo", "run_name=tiny", "dpo.policies_in_prompt=true",
+                              "policies=null")  # the tiny recipe's top-level codes reach dpo.policies otherwise
     with pytest.raises(InputError, match="needs dpo.policies"):
         module.load_prompts(cfg)
 
@@ -291,7 +296,7 @@ def test_bad_inputs_raise_clear_errors(sft_run, tmp_path, case, match):
                 "adapter": str(sft_run / "tiny" / "03_sft" / "adapter")}}))
     extra = {"too_short": ["dpo.max_length=8"], "bad_method": ["dpo.method=ppo"],
              "group": ["dpo.method=grpo", "dpo.num_generations=3"],
-             "judge_without_codes": ["dpo.method=grpo", "dpo.judge={backend: scripted, model: j}"],
+             "judge_without_codes": ["dpo.method=grpo", "dpo.judge={backend: scripted, model: j}", "policies=null"],
              "sft_and_not": ["dpo.from_sft=false", "dpo.sft_adapter=some/adapter"],
              "few_prompts": ["dpo.method=grpo", "dpo.limit=1", "dpo.num_generations=4", "dpo.grad_accum=2"]}.get(case, [])
     module, cfg = make_config("04_dpo", "dpo", runs, *FAST, "dpo.max_steps=1", "run_name=tiny", *extra)
@@ -299,6 +304,7 @@ def test_bad_inputs_raise_clear_errors(sft_run, tmp_path, case, match):
         module.main(cfg)
 
 
+@pytest.mark.slow
 def test_both_scripts_run_from_the_command_line(tmp_path):
     write_stage2(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -326,6 +326,7 @@ def test_llm_judges_and_malformed_verdicts(tmp_path, scripted):
         assert (out / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_resume_and_adding_a_judge_does_not_regenerate(tmp_path, scripted):
     out = run_eval(tmp_path, scripted)
     gens = (out / "base" / "generations.jsonl").read_text()
@@ -349,6 +350,7 @@ def test_resume_and_adding_a_judge_does_not_regenerate(tmp_path, scripted):
         run_eval(tmp_path, scripted, "eval.generation={temperature: 0.9}")
 
 
+@pytest.mark.slow
 def test_comparison_table_of_several_models_and_runs(tmp_path, scripted):
     def second(chat, model):
         if role(chat) == "model" and "multiple-choice" not in chat[-1]["content"]:
@@ -524,6 +526,7 @@ def test_tiny_model_end_to_end(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_command_line_runs_the_stage(tmp_path):
     proc = subprocess.run([sys.executable, "05_eval.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", BASE_ONLY,
                            "run_name=cli", "eval.limit=2", "eval.suites=[harmful, mmlu]",

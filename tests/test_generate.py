@@ -290,6 +290,7 @@ def test_cut_off_intents_and_initial_cot_are_not_used(tmp_path, scripted):
 # ---- the real tiny model ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.slow
 def test_tiny_model_end_to_end(tmp_path, four_bit):
     module, cfg = make_config("01_generate", "generate", tmp_path, "generate.limit=3", "generate.max_rounds=1",
                               "generate.n_agents=2", "llm.max_new_tokens=8", f"llm.load_in_4bit={str(four_bit).lower()}")
@@ -310,6 +311,7 @@ def test_tiny_model_end_to_end(tmp_path, four_bit):
         assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
 
 
+@pytest.mark.slow
 def test_hf_batch_shares_the_policy_prefix_and_matches_one_prompt_at_a_time():
     """A batched call runs the common head of its prompts (system turn with the policies) once
     and reuses its KV cache; greedy outputs must equal those of each prompt generated alone."""
@@ -341,6 +343,7 @@ def test_common_prefix_leaves_every_row_a_token_of_its_own():
     assert common_prefix_len([[5, 2], [1, 2]]) == 0
 
 
+@pytest.mark.slow
 def test_command_line_runs_the_stage(tmp_path):
     proc = subprocess.run([sys.executable, "01_generate.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}",
                            "run_name=cli", "generate.limit=2", "generate.max_rounds=1", "llm.max_new_tokens=4"],

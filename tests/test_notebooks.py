@@ -82,6 +82,7 @@ def texts(nb) -> str:
     return "\n".join(out)
 
 
+@pytest.mark.slow
 def test_walkthrough_runs_every_stage_and_shows_the_stage_notebooks_figures(walkthrough):
     nb, run = walkthrough
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -102,6 +103,7 @@ MISSING_STAGE_NOTES = ["No stage-", "**Note:** no `", "no logged steps yet", "no
 
 
 @pytest.mark.parametrize("path", STAGE_NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_notebook_runs_headless_on_a_complete_run(path, walkthrough, monkeypatch):
     _, run = walkthrough
     monkeypatch.setenv("RUN_DIR", str(run))

@@ -157,8 +157,9 @@ def test_refiner_reads_numbers_ranges_and_reasons_leniently(reply, kept, reasons
            "truncated": [], "thought_audit": [{"thought": t, "kept": True, "reason": None, "source": s}
                                               for t, s in zip("abcd", ("initial", "initial", "round 1 agent 1", "round 2 agent 2"))]}
     seen = []
-    tpl = type("T", (), {"chat": staticmethod(lambda **kw: seen.append(kw["thoughts"]) or [{"role": "user", "content": "x"}])})
-    module.refine(lambda chats: [_Reply(reply)], tpl, [rec], "policies")
+    tpl = type("T", (), {"schema": None,
+                         "chat": staticmethod(lambda **kw: seen.append(kw["thoughts"]) or [{"role": "user", "content": "x"}])})
+    module.refine(lambda chats, schema=None: [_Reply(reply)], tpl, [rec], "policies")
     assert seen == ["1. [initial] a\n2. [initial] b\n3. [round 1 agent 1] c\n4. [round 2 agent 2] d"]
     assert [t["kept"] for t in rec["thought_audit"]] == kept
     assert [t["reason"] for t in rec["thought_audit"]] == reasons
@@ -487,6 +488,7 @@ def test_sft_og_takes_the_datasets_responses(tmp_path, scripted):
     assert {json.loads(x)["messages"][1]["content"] for x in (out / "sft_og.jsonl").read_text().splitlines()} == {"A plain answer."}
 
 
+@pytest.mark.slow
 def test_tiny_model_end_to_end(tmp_path):
     prompts = tmp_path / "p.jsonl"  # prompts with their dataset responses, for SFT_OG
     given = [{**json.loads(x), "original_response": f"Original answer {i}."}

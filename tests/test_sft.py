@@ -32,6 +32,7 @@ def resumed_run(tmp_path_factory):
     return out, first
 
 
+@pytest.mark.slow
 def test_sft_lowers_the_loss_on_a_set_it_can_memorise(resumed_run):
     out, _ = resumed_run
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
@@ -41,6 +42,7 @@ def test_sft_lowers_the_loss_on_a_set_it_can_memorise(resumed_run):
     assert all(m["peak_mem_gib"] > 0 for m in metrics(out))
 
 
+@pytest.mark.slow
 def test_sft_resumes_from_its_checkpoint(resumed_run):
     out, first = resumed_run
     steps = [m["step"] for m in metrics(out) if "loss" in m]
@@ -52,6 +54,7 @@ def test_sft_resumes_from_its_checkpoint(resumed_run):
     assert [m["step"] for m in first if "loss" in m] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sft_writes_adapter_tokenizer_and_manifest(resumed_run):
     out, _ = resumed_run
     manifest = json.loads((out / "manifest.json").read_text())

@@ -1,0 +1,194 @@
+"""One scheduler that drives many records' methods at once, with no barrier between steps.
+
+A stage writes each record's method as one generator that reads like the paper: it yields a
+`Request` whenever it needs an agent, gets the `Generation` back, and returns the finished record
+(or None to leave it for the next run):
+
+    def method(rec):
+        gen = yield Request(intent_agent, intent_tpl.chat(prompt=rec["prompt"]), intent_tpl.schema, "intent")
+        ...
+        return rec
+
+    usage = run(todo, method, on_done=writer.write, max_records=64, bar=bar)
+
+How requests reach the backends depends on the agent:
+- `openai`: each request goes out as soon as its record is ready, on a thread pool per backend
+  bounded by that agent's `llm.max_concurrency`; no record waits for another's step. A server is
+  kept busy as long as at least `max_concurrency` records are in flight.
+- `hf`, `vllm` (and any other backend): one tick batches every pending request of every record,
+  whatever its step, into one backend call per model, settings and step; the step stays in the key
+  because one call's prompts then share the template's long head (the policies), which the hf
+  backend prefills once per batch (its shared-prefix KV reuse), and one schema.
+- `max_records` records are in flight at once; as one finishes the next is admitted, so batches
+  stay full instead of shrinking as records finish (e.g. agents agreeing early).
+
+`on_done(result)` gets each method's return value as soon as the method returns (the stage writes
+it at once, so a kill loses only the records in flight). A request that fails after its retries
+comes back as a Generation with `error` set, for the method to handle; a batched call whose every
+request fails raises BackendError as `Agent` does, and so does an openai backend whose first
+`max_concurrency` requests all fail (a server that is down, a model it does not serve).
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Generator, Iterable
+
+from .backends import Agent, BackendError, Generation
+from .chat import Chat
+
+
+@dataclass
+class Request:
+    agent: Agent
+    chat: Chat
+    schema: dict | None = None          # the JSON schema of the answer (Template.schema)
+    step: str = ""                      # the method's step: timings, and batches of one step
+
+
+@dataclass
+class Usage:
+    """What the backends did for one `run`: for the manifest."""
+    backend_calls: int = 0
+    generated_tokens: int = 0
+    seconds: dict = field(default_factory=dict)     # step -> seconds spent in its calls (summed over threads)
+
+    def add(self, step: str, gens: list[Generation], seconds: float) -> None:
+        self.backend_calls += 1
+        self.generated_tokens += sum(g.tokens for g in gens)
+        self.seconds[step] = self.seconds.get(step, 0.0) + seconds
+
+
+_END = object()
+Method = Callable[[dict], Generator[Request, Generation, object]]
+
+
+def concurrent(agent: Agent) -> bool:
+    """Agents whose requests go out one by one, as soon as ready (a server batches them itself)."""
+    return agent.cfg.backend == "openai"
+
+
+def pool_size(records: int, agents: Iterable[Agent]) -> int:
+    """Records to keep in flight: `records`, but at least twice the largest openai concurrency, so
+    a server never waits for a record to be admitted."""
+    return max([records] + [2 * a.cfg.max_concurrency for a in agents if concurrent(a)])
+
+
+def _timed(agent: Agent, chats: list[Chat], schema: dict | None) -> tuple[list[Generation], float]:
+    t0 = time.perf_counter()
+    gens = agent(chats, schema=schema)
+    return gens, time.perf_counter() - t0
+
+
+def _one(agent: Agent, chat: Chat, schema: dict | None) -> tuple[list[Generation], float]:
+    """One openai request; its failure is the record's, not the run's (see `_Pools.check`)."""
+    t0 = time.perf_counter()
+    try:
+        gens = agent([chat], schema=schema)
+    except BackendError as e:
+        gens = [Generation("", 0, error=str(e))]
+    return gens, time.perf_counter() - t0
+
+
+class _Pools:
+    """A thread pool per openai backend, sized by its agent's max_concurrency. Its queue is first
+    come, first served: on simulated chains that beat giving the next slot to the record furthest
+    along (which starves newly admitted records) or least far along (benchmarks/README.md)."""
+
+    def __init__(self):
+        self.pools: dict[int, ThreadPoolExecutor] = {}
+        self.results: dict[int, list[int]] = {}     # backend -> [succeeded, failed]
+
+    def submit(self, req: Request) -> Future:
+        key = id(req.agent.backend)
+        if key not in self.pools:
+            self.pools[key] = ThreadPoolExecutor(max_workers=max(1, req.agent.cfg.max_concurrency),
+                                                 thread_name_prefix=f"scheduler-{req.agent.role}")
+            self.results[key] = [0, 0]
+        return self.pools[key].submit(_one, req.agent, req.chat, req.schema)
+
+    def check(self, req: Request, gen: Generation) -> None:
+        """A server that is down, or does not serve the model, fails every request: stop the run
+        with one clear line rather than fail every record."""
+        counts = self.results[id(req.agent.backend)]
+        counts[bool(gen.error)] += 1
+        if counts == [0, max(1, req.agent.cfg.max_concurrency)]:
+            raise BackendError(f"{req.agent.role} ({req.agent.label}): the first {counts[1]} requests all failed; "
+                               f"first: {gen.error}")
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _batch_key(req: Request, keys: dict) -> tuple:
+    """Requests that one backend call can serve: same loaded model, same settings, same step."""
+    agent = req.agent
+    if id(agent) not in keys:
+        keys[id(agent)] = (id(agent.backend), json.dumps(asdict(agent.cfg), sort_keys=True, default=str))
+    return (*keys[id(agent)], req.step, json.dumps(req.schema, sort_keys=True))
+
+
+def run(items: Iterable[dict], method: Method, on_done: Callable[[object], None], max_records: int,
+        bar=None) -> Usage:
+    """Run `method(item)` for every item, `max_records` at a time; see the module docstring."""
+    usage = Usage()
+    todo = iter(items)
+    live = 0
+    waiting: list[tuple[Generator, Request]] = []   # batched requests for the next tick
+    futures: dict[Future, tuple[Generator, Request]] = {}
+    pools, keys = _Pools(), {}
+
+    def advance(gen: Generator, value) -> None:
+        nonlocal live
+        try:
+            req = gen.send(value)
+        except StopIteration as stop:
+            live -= 1
+            on_done(stop.value)
+            if bar is not None:
+                bar.update(1)
+            return
+        if concurrent(req.agent):
+            futures[pools.submit(req)] = (gen, req)
+        else:
+            waiting.append((gen, req))
+
+    def admit() -> None:
+        nonlocal live
+        while live < max(1, max_records):
+            item = next(todo, _END)
+            if item is _END:
+                return
+            live += 1
+            advance(method(item), None)
+
+    try:
+        admit()
+        while waiting or futures:
+            if waiting:  # one tick: every pending batched request, one call per model and step
+                tick, waiting[:] = list(waiting), []
+                groups: dict[tuple, list[tuple[Generator, Request]]] = {}
+                for gen, req in tick:
+                    groups.setdefault(_batch_key(req, keys), []).append((gen, req))
+                for group in groups.values():
+                    first = group[0][1]
+                    gens, seconds = _timed(first.agent, [req.chat for _, req in group], first.schema)
+                    usage.add(first.step, gens, seconds)
+                    for (gen, _), g in zip(group, gens):
+                        advance(gen, g)
+                    admit()
+            if futures:  # openai answers that came in meanwhile (all of them, or wait for one)
+                done, _ = wait(list(futures), timeout=0 if waiting else None, return_when=FIRST_COMPLETED)
+                for f in done:
+                    gen, req = futures.pop(f)
+                    gens, seconds = f.result()
+                    usage.add(req.step, gens, seconds)
+                    pools.check(req, gens[0])
+                    advance(gen, gens[0])
+                admit()
+    finally:
+        pools.close()
+    return usage

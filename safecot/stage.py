@@ -1,0 +1,187 @@
+"""The plumbing every stage script shares, so that its `main` reads as the method: the command line,
+the seed, the stage folder (created, cleared by --overwrite, locked while this process writes it),
+its manifest, the partial-status tail, and the trained model an earlier stage left.
+
+    def main(cfg: Config, overwrite: bool = False) -> Path:
+        rows = load_inputs(cfg)                                    # bad input fails before any output
+        with open_stage(cfg, "01_generate", overwrite, resume_ignores=("limit",)) as st:
+            missing = the_method(cfg, rows, st.out, st.manifest)  # write records, count what failed
+            st.finish(missing=missing, what="prompts", **counts)  # "partial" + a rerun warning if any failed
+        return st.out
+
+    if __name__ == "__main__":
+        run_cli("generate", Config, main, __doc__)
+
+The lock: while a process writes a stage folder it holds an exclusive flock on `<folder>/.lock`,
+which names it (pid, host, start time, command). A second process on the same run and stage stops
+with one line naming the holder instead of writing the same records again. The OS drops the lock
+when the holder exits or is killed, so a kill -9 never leaves a stale lock behind; leaving the
+`with` block drops it too, so one process (a test, a notebook) may run the same stage again. Locks
+are per machine: processes on two hosts sharing a network folder may not see each other's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import os
+import socket
+import sys
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from .config import STAGE_OF, ConfigError, load_recipe, section_config
+from .records import InputError, Manifest, require_complete, stage_dir
+
+LOCK = ".lock"
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def parse_args(section: str, cls: type, doc: str | None = None, argv: list[str] | None = None):
+    """The command line every stage shares: --config RECIPE [--overwrite | --skip-complete] [key=value ...]."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a recipe in configs/, e.g. configs/tiny.yaml")
+    parser.add_argument("--overwrite", action="store_true", help="delete this stage's outputs and start over")
+    parser.add_argument("--skip-complete", action="store_true",
+                        help="do nothing if this stage's manifest says complete (make reproduce uses it)")
+    parser.add_argument("overrides", nargs="*", help="key=value or section.key=value")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.config, args.overrides)
+    return section_config(recipe, section, cls), args
+
+
+def run_cli(section: str, cls: type, main, doc: str | None = None, argv: list[str] | None = None) -> None:
+    """Parse, run `main(cfg, overwrite=...)`, and turn known failures into one clear line."""
+    from .backends import BackendError
+
+    try:
+        cfg, args = parse_args(section, cls, doc, argv)
+        out = stage_dir(cfg, STAGE_OF[section])
+        if args.skip_complete and not args.overwrite and is_complete(out):
+            print(f"skip: {out} is complete")
+            return
+        out = main(cfg, overwrite=args.overwrite)
+    except (ConfigError, InputError, BackendError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: finished records are saved; rerun the same command to continue")
+    print(f"done: {out}")
+
+
+def is_complete(stage_out: Path) -> bool:
+    path = Path(stage_out) / "manifest.json"
+    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
+
+
+def set_seed(seed: int) -> None:
+    """Python, NumPy and torch (all devices) seeded alike, as trl's scripts do."""
+    import transformers
+    transformers.set_seed(seed)
+
+
+# ---- the stage folder ------------------------------------------------------------------------
+
+@contextmanager
+def lock_stage(out: Path) -> Iterator[Path]:
+    """Hold `<out>/.lock` exclusively for the block, or stop with an InputError naming the holder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{out} is being written by another process ({holder(out)}); wait for it to finish "
+                             "or stop it, then rerun") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            yield out
+        finally:
+            os.ftruncate(fd, 0)  # the lock file outlives us; it names no one once we let go
+    finally:
+        os.close(fd)             # closing drops the flock (so does the process dying)
+
+
+def holder(out: Path) -> str:
+    """Who holds `<out>/.lock`, in words, as the holder wrote it."""
+    try:
+        h = json.loads((Path(out) / LOCK).read_text())
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}: {' '.join(map(str, h['argv']))}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it has only just started"
+
+
+def clear_stage(out: Path) -> None:
+    """--overwrite: everything in the folder but the lock we hold (a new lock file would be another lock)."""
+    import shutil
+    for p in Path(out).iterdir():
+        if p.name != LOCK:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+@dataclasses.dataclass
+class Stage:
+    """A stage folder this process writes: `out`, and its `manifest` (None on the non-main processes
+    of a multi-process training run, which write nothing)."""
+    out: Path
+    manifest: Manifest | None
+
+    def finish(self, missing: int = 0, what: str = "records", **counts) -> None:
+        """The manifest's end: "complete", or "partial" with a warning when `missing` items (prompts,
+        records, generations) failed and a rerun of the same command would retry them."""
+        if self.manifest is None:
+            return
+        self.manifest.finish(missing=missing, **counts)
+        if missing:
+            self.manifest.data["status"] = "partial"
+            self.manifest.save()
+            print(f"warning: {missing} {what} failed on the backend; rerun the same command to retry them")
+
+
+@contextmanager
+def open_stage(cfg, stage: str, overwrite: bool = False, config: dict | None = None, resume_ignores: tuple = (),
+               seed: bool = True, main_process: bool = True) -> Iterator[Stage]:
+    """`<runs_dir>/<run_name>/<stage>/` locked for the block, cleared first with `overwrite`, with a
+    Manifest of `config` (default: the whole cfg) that refuses to resume under another config except
+    for `resume_ignores`; the seed set from cfg.seed. With `main_process=False` (the other processes
+    of `accelerate launch`): the folder only, no lock, no clearing, no manifest."""
+    out = stage_dir(cfg, stage)
+    if seed:
+        set_seed(cfg.seed)
+    if not main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        yield Stage(out, None)
+        return
+    with lock_stage(out):
+        if overwrite:
+            clear_stage(out)
+        config = dataclasses.asdict(cfg) if config is None else config
+        yield Stage(out, Manifest(out, stage, config, resume_ignores))
+
+
+# ---- what earlier stages left ----------------------------------------------------------------
+
+def trained_model(folder: Path, adapter: str | Path | None = None, what: str | None = None) -> tuple[str, Path]:
+    """(base model, adapter folder) of a finished 03_sft or 04_dpo folder, as its manifest's `model`
+    names them (older manifests: `base_model`, then the config's `model` / `llm.model`); `adapter`
+    replaces the recorded one. Stops with one line if the stage did not finish or left no adapter."""
+    folder = Path(folder)
+    manifest = require_complete(folder, what or f"stage {folder.name}")
+    model, cfg = manifest.get("model") or {}, manifest.get("config") or {}
+    bases = (model.get("base"), manifest.get("base_model"), cfg.get("base_model"), cfg.get("model"),
+             (cfg.get("llm") or {}).get("model"))
+    base = next((b for b in bases if isinstance(b, str) and b), None)
+    if base is None:
+        raise InputError(f"{folder}/manifest.json: names no base model")
+    recorded = Path(model["adapter"]) if model.get("adapter") else None
+    adapter = Path(adapter) if adapter else recorded if recorded and recorded.is_dir() else folder / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise InputError(f"{folder}: no LoRA adapter at {adapter} (adapter_config.json missing); rerun that stage")
+    return base, adapter
