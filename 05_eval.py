@@ -353,7 +353,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                   missing_generations=missing, truncated_answers=truncated, judges=judge_names, self_judged=self_judging,
                   train_overlap={k: v["train_overlap"] for k, v in suites.items()}, this_session=counts)
         for name, d in suites.items():
-            if d["train_overlap"]:
+            if d["train_overlap"] and d["kind"] != "judge_check":  # a judge check grades judges, not the model
                 print(f"warning: suite '{name}': {d['train_overlap']} of its {d['prompts']} prompts are among this run's "
                       "training prompts; its numbers overstate generalisation")
         print(f"report: {report}")

@@ -153,7 +153,7 @@ def write_comparison(results: dict, out: Path, models_info: dict | None = None, 
         lines += [f"> **Warning: self-judged.** The {task} judge is the model under test ({', '.join(labels)}): it grades "
                   "its own answers (allowed by `eval.allow_self_judge`). Treat these numbers as biased.", ""]
     for suite, d in (details.get("suites") or {}).items():
-        if d.get("train_overlap"):
+        if d.get("train_overlap") and d.get("kind") != "judge_check":  # a judge check grades judges, not the model
             lines += [f"> **Warning: contamination.** {d['train_overlap']} of the {d['prompts']} prompts of suite "
                       f"`{suite}` are among this run's training prompts: its numbers overstate generalisation.", ""]
     cut = frame[frame["truncated"] > 0]
