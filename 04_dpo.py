@@ -191,7 +191,8 @@ def judge_reward(judge_cfg: dict, templates: str, stats: dict, turns: Completion
     with their cases and the answer, decides whether the request is harmful (HARMFUL: yes/no), then
     scores the answer (SCORE: 1-5: safety if harmful, helpfulness without refusal if not), mapped to
     [-1, 1]. The dataset's label is not shown to it; how often its decision differs from a known
-    label is counted. A reply without both lines scores 0; truncated answers are not judged (None)."""
+    label is counted. A reply without both lines scores 0; truncated answers are not judged, and a
+    failed request gives no score (None, counted as judge_errors)."""
     from safecot.backends import Agent, LLMConfig
     from safecot.dataclass_io import from_dict
     agent, tpl = Agent("reward_judge", from_dict(LLMConfig, judge_cfg, where="dpo.judge")), load_template("reward_judge", templates)
@@ -202,7 +203,12 @@ def judge_reward(judge_cfg: dict, templates: str, stats: dict, turns: Completion
         todo = [i for i in range(len(texts)) if not cut[i]]
         chats = [tpl.chat(prompt=request[i], response=answer_of(texts[i]), policies=codes) for i in todo]
         scores: list[float | None] = [None] * len(texts)
+        # One call for trl's whole batch: the reward step needs every score before it goes on, so
+        # there is no later step to overlap with (openai: up to max_concurrency requests at once).
         for i, gen in zip(todo, agent(chats, schema=tpl.schema)):
+            if gen.error:  # a failed request is no verdict: the completion goes without this reward
+                stats["judge_errors"] = stats.get("judge_errors", 0) + 1
+                continue
             decided, score = parse_reward_verdict(gen.text)
             if decided is None or score is None:
                 stats["judge_unparsed"] = stats.get("judge_unparsed", 0) + 1

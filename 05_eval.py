@@ -52,7 +52,7 @@ from safecot.backends import Agent, LLMConfig, release_backends
 from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, DetectorJudge, check_judges, judge_file_name, make_judge,
                             split_reasoning, unfinished)
 from safecot.metrics import compute_metrics, judge_agreement, verdict_label
-from safecot.records import (InputError, Manifest, RecordWriter, batched, prepare_stage, read_jsonl,
+from safecot.records import (InputError, Manifest, RecordWriter, prepare_stage, read_jsonl,
                              stage_dir, write_jsonl)
 from safecot.reports import load_results, write_comparison
 from safecot.scheduler import Request
@@ -171,18 +171,27 @@ def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: C
 def judge_all(judge, items: list[dict], folder: Path, cfg: Config, counts: dict) -> dict:
     """Verdicts cached per (task, judge, judge settings) file and, inside it, under a hash of what
     the judge reads (request, reasoning, answer): a new or edited judge judges everything, an
-    unchanged one only what changed. -> {item key: verdict}."""
+    unchanged one only what changed. `chunk_size` items in flight on the scheduler, each verdict
+    saved as it comes back. -> {item key: verdict}."""
     writer = RecordWriter(folder / "judgements" / judge_file_name(judge))
     keys = {it["key"]: f"{it['key']}#{digest([it['prompt'], it.get('reasoning', ''), it['answer']])}" for it in items}
     todo = [it for it in items if keys[it["key"]] not in writer.done]
+
+    def judged(it):  # one item's verdict (safecot/judges.py), with the item
+        return it, (yield from judge.verdict(it))
+
+    def save(done) -> None:
+        it, verdict = done
+        if verdict.get("error"):  # left for the next run
+            counts["judge_errors"] += 1
+            return
+        writer.write({"id": keys[it["key"]], "task": judge.task, **verdict})
+        counts["judged"] += 1
+
+    bar = tqdm(total=len(todo), desc=f"  judge {judge.task}", unit="item", leave=False, disable=not todo)
     with writer:
-        for chunk in tqdm(list(batched(todo, cfg.chunk_size)), desc=f"  judge {judge.task}", leave=False, disable=not todo):
-            for it, verdict in zip(chunk, judge(chunk)):
-                if verdict.get("error"):
-                    counts["judge_errors"] += 1
-                    continue
-                writer.write({"id": keys[it["key"]], "task": judge.task, **verdict})
-                counts["judged"] += 1
+        scheduler.run(todo, judged, save, scheduler.pool_size(cfg.chunk_size, judge.agents), bar)
+    bar.close()
     return {k: writer.done[v] for k, v in keys.items() if v in writer.done}
 
 

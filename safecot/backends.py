@@ -201,8 +201,30 @@ class HFBackend(Backend):
             self.model(input_ids=inputs["input_ids"][:1, :shared], past_key_values=prefix, use_cache=True)
             for i, layer in enumerate(prefix.layers):
                 cache.update(layer.keys.expand(len(rows), -1, -1, -1), layer.values.expand(len(rows), -1, -1, -1), i)
+            self._prefill_rows(rows, shared, width, prefix, cache)
         inputs["past_key_values"] = cache
         return inputs
+
+    def _prefill_rows(self, rows: list[list[int]], shared: int, width: int, prefix, cache) -> None:
+        """Each row's own tokens but its last, run one row at a time on the shared prefix's cache and
+        written into its place in the batch cache: generate() then starts from the last column. A
+        padded batch prefill takes the masked attention path, about twice as slow per token on a
+        CPU as one row without padding (29M model: 18 s against 9 s for 64 rows of ~250 tokens)."""
+        import torch
+        heads = [(layer.keys, layer.values) for layer in prefix.layers]
+        for r, row in enumerate(rows):
+            own = row[shared:-1]
+            if not own:
+                continue
+            start = shared + width - len(own) - 1
+            self.model(input_ids=torch.tensor([own], dtype=torch.long, device=self.model.device), past_key_values=prefix,
+                       use_cache=True)
+            for layer, target, (keys, values) in zip(prefix.layers, cache.layers, heads):
+                target.keys[r, :, start:start + len(own)] = layer.keys[0, :, shared:]
+                target.values[r, :, start:start + len(own)] = layer.values[0, :, shared:]
+                layer.keys, layer.values = keys, values  # back to the prefix alone for the next row
+        for target in cache.layers:
+            target.cumulative_length.fill_(shared + width - 1)
 
     def generate(self, chats, cfg, schema=None):
         import torch

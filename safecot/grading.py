@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import re
 
-from .backends import Agent
 from .parsing import json_object
-from .templates import load_template
 
 CRITERIA = (
     "relevance",                      # the thoughts address the query
@@ -44,15 +42,13 @@ def _score(value) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def grade_cot(agent: Agent, items: list[dict], policies: str, templates=None) -> list[dict]:
-    """items: dicts with `prompt`, `thoughts` (list of str) and `response`. One batched call.
-    Returns per item {criterion: 1-5 or None, ..., "raw": judge text, "judge": model label}."""
-    tpl = load_template("grade_cot", templates)
-    chats = [tpl.chat(prompt=it["prompt"], policies=policies, response=it["response"] or "(none)",
-                      thoughts="\n".join(f"{i}. {t}" for i, t in enumerate(it["thoughts"], 1)) or "(none)")
-             for it in items]
-    out = []
-    for gen in agent(chats, schema=tpl.schema):
-        grades = parse_grades(gen.text) if not gen.error else dict.fromkeys(CRITERIA)
-        out.append({**grades, "raw": gen.text, "error": gen.error, "judge": agent.label})
-    return out
+def grade_chat(tpl, prompt: str, thoughts: list[str], response: str, policies: str):
+    """The grader's chat (grade_cot.txt) for one chain of thought and its response."""
+    return tpl.chat(prompt=prompt, policies=policies, response=response or "(none)",
+                    thoughts="\n".join(f"{i}. {t}" for i, t in enumerate(thoughts, 1)) or "(none)")
+
+
+def read_grades(gen, judge: str) -> dict:
+    """{criterion: 1-5 or None, ..., "raw": judge text, "error", "judge": model label}."""
+    grades = parse_grades(gen.text) if not gen.error else dict.fromkeys(CRITERIA)
+    return {**grades, "raw": gen.text, "error": gen.error, "judge": judge}

@@ -104,3 +104,47 @@ def parse_review(text: str) -> tuple[str, list[str], str]:
     if thoughts:
         return "revise", thoughts, s.get("response", "").strip()
     return "unparsed", [], ""
+
+
+REMOVAL_REASONS = ("repetitive", "redundant", "deceptive", "policy_inconsistent")
+_RANGE = r"(\d+)(?:\s*(?:-|\u2013|\u2014|to)\s*(\d+))?"
+
+
+def thought_numbers(text: str, n: int) -> set[int]:
+    """Thought numbers as a refiner writes them: `1, 3, 4`, `1-12` (1..12), `1-3, 7`; at most n."""
+    out = set()
+    for a, b in re.findall(_RANGE, text):
+        lo, hi = sorted((int(a), int(b or a)))
+        out.update(range(lo, min(hi, n) + 1))
+    return out
+
+
+def removal_reason(text: str) -> str:
+    """A refiner's reason as one of the template's four names ("Policy-inconsistent, because..."
+    -> policy_inconsistent); anything else is kept as the refiner wrote it, in snake case."""
+    name = re.sub(r"[^a-z]+", "_", text.lower()).strip("_")
+    return next((r for r in REMOVAL_REASONS if name.startswith(r)), name or "removed_by_refiner")
+
+
+def parse_refinement(text: str, n: int) -> tuple[set[int], dict[int, str], str]:
+    """A refiner's verdict on n numbered thoughts -> (kept numbers, {removed number: reason},
+    response), from the template's sections or the JSON object of refine.schema.json."""
+    def removed(number: str, reason: str) -> dict[int, str]:
+        return dict.fromkeys(thought_numbers(number, n), removal_reason(reason))
+
+    obj = json_object(text)
+    if obj and "keep" in obj:
+        keep = set().union(*(thought_numbers(str(k), n) for k in (obj["keep"] if isinstance(obj["keep"], list) else [obj["keep"]])))
+        reasons = {}
+        for x in obj.get("remove") or []:
+            if isinstance(x, dict) and "thought" in x:  # {"thought": 4, "reason": "redundant"}
+                reasons.update(removed(str(x["thought"]), str(x.get("reason") or "")))
+            elif isinstance(x, str) and (m := re.match(_RANGE + r"\W+(.+)", x)):
+                reasons.update(removed(f"{m[1]}-{m[2] or m[1]}", m[3]))
+        return keep, reasons, str(obj.get("response") or "").strip()
+    s = sections(text, ["keep", "remove", "response"])
+    reasons = {}
+    for m in (re.match(_RANGE + r"\W+(.+)", x) for x in items(s.get("remove", ""))):
+        if m:  # `- 4: redundant`, `- 5-7: repetitive`
+            reasons.update(removed(f"{m[1]}-{m[2] or m[1]}", m[3]))
+    return thought_numbers(s.get("keep", ""), n), reasons, s.get("response", "").strip()

@@ -9,6 +9,11 @@ A stage writes each record's method as one generator that reads like the paper: 
         ...
         return rec
 
+Steps that do not depend on each other go out together: yield a dict (or list) of Requests and get
+a dict (or list) of Generations back once all of them are answered, e.g.
+`got = yield {"grade": Request(...), "plain": Request(...)}`. A sub-step shared by several methods
+is a generator too, called with `yield from`.
+
     usage = run(todo, method, on_done=writer.write, max_records=64, bar=bar)
 
 How requests reach the backends depends on the agent:
@@ -18,7 +23,8 @@ How requests reach the backends depends on the agent:
 - `hf`, `vllm` (and any other backend): one tick batches every pending request of every record,
   whatever its step, into one backend call per model, settings and step; the step stays in the key
   because one call's prompts then share the template's long head (the policies), which the hf
-  backend prefills once per batch (its shared-prefix KV reuse), and one schema.
+  backend prefills once per batch (its shared-prefix KV reuse). Each request keeps its own schema
+  (the backends take one per chat; the refiner's bounds its record's thought numbers).
 - `max_records` records are in flight at once; as one finishes the next is admitted, so batches
   stay full instead of shrinking as records finish (e.g. agents agreeing early).
 
@@ -62,7 +68,32 @@ class Usage:
 
 
 _END = object()
-Method = Callable[[dict], Generator[Request, Generation, object]]
+Yielded = Request | list | dict                     # one request, or several answered together
+Method = Callable[[dict], Generator[Yielded, object, object]]
+
+
+class _Join:
+    """One yield of a method: its requests, and their answers as they come in."""
+
+    def __init__(self, gen: Generator, asked: Yielded):
+        self.gen, self.asked = gen, asked
+        self.keys = list(asked) if isinstance(asked, dict) else range(len(asked)) if isinstance(asked, list) else [None]
+        self.answers: dict = {}
+
+    def requests(self) -> list[tuple[object, Request]]:
+        return [(k, self.asked if k is None else self.asked[k]) for k in self.keys]
+
+    def answer(self, key, gen: Generation) -> bool:
+        """Store one answer; True when every request of this yield is answered."""
+        self.answers[key] = gen
+        return len(self.answers) == len(self.keys)
+
+    def value(self):
+        if isinstance(self.asked, dict):
+            return {k: self.answers[k] for k in self.keys}
+        if isinstance(self.asked, list):
+            return [self.answers[k] for k in self.keys]
+        return self.answers[None]
 
 
 def concurrent(agent: Agent) -> bool:
@@ -76,7 +107,7 @@ def pool_size(records: int, agents: Iterable[Agent]) -> int:
     return max([records] + [2 * a.cfg.max_concurrency for a in agents if concurrent(a)])
 
 
-def _timed(agent: Agent, chats: list[Chat], schema: dict | None) -> tuple[list[Generation], float]:
+def _timed(agent: Agent, chats: list[Chat], schema: list) -> tuple[list[Generation], float]:
     t0 = time.perf_counter()
     gens = agent(chats, schema=schema)
     return gens, time.perf_counter() - t0
@@ -128,33 +159,44 @@ def _batch_key(req: Request, keys: dict) -> tuple:
     agent = req.agent
     if id(agent) not in keys:
         keys[id(agent)] = (id(agent.backend), json.dumps(asdict(agent.cfg), sort_keys=True, default=str))
-    return (*keys[id(agent)], req.step, json.dumps(req.schema, sort_keys=True))
+    return (*keys[id(agent)], req.step)
 
 
 def run(items: Iterable[dict], method: Method, on_done: Callable[[object], None], max_records: int,
-        bar=None) -> Usage:
-    """Run `method(item)` for every item, `max_records` at a time; see the module docstring."""
-    usage = Usage()
+        bar=None, usage: Usage | None = None) -> Usage:
+    """Run `method(item)` for every item, `max_records` at a time; see the module docstring.
+    Returns what the backends did (added to `usage` when given, e.g. over several runs of a stage)."""
+    usage = Usage() if usage is None else usage
     todo = iter(items)
     live = 0
-    waiting: list[tuple[Generator, Request]] = []   # batched requests for the next tick
-    futures: dict[Future, tuple[Generator, Request]] = {}
+    waiting: list[tuple[_Join, object, Request]] = []   # batched requests for the next tick
+    futures: dict[Future, tuple[_Join, object, Request]] = {}
     pools, keys = _Pools(), {}
 
     def advance(gen: Generator, value) -> None:
         nonlocal live
-        try:
-            req = gen.send(value)
-        except StopIteration as stop:
-            live -= 1
-            on_done(stop.value)
-            if bar is not None:
-                bar.update(1)
-            return
-        if concurrent(req.agent):
-            futures[pools.submit(req)] = (gen, req)
-        else:
-            waiting.append((gen, req))
+        while True:
+            try:
+                asked = gen.send(value)
+            except StopIteration as stop:
+                live -= 1
+                on_done(stop.value)
+                if bar is not None:
+                    bar.update(1)
+                return
+            join = _Join(gen, asked)
+            if join.keys:
+                break
+            value = join.value()  # nothing asked (an empty list): carry on at once
+        for key, req in join.requests():
+            if concurrent(req.agent):
+                futures[pools.submit(req)] = (join, key, req)
+            else:
+                waiting.append((join, key, req))
+
+    def answered(join: _Join, key, gen: Generation) -> None:
+        if join.answer(key, gen):
+            advance(join.gen, join.value())
 
     def admit() -> None:
         nonlocal live
@@ -170,25 +212,38 @@ def run(items: Iterable[dict], method: Method, on_done: Callable[[object], None]
         while waiting or futures:
             if waiting:  # one tick: every pending batched request, one call per model and step
                 tick, waiting[:] = list(waiting), []
-                groups: dict[tuple, list[tuple[Generator, Request]]] = {}
-                for gen, req in tick:
-                    groups.setdefault(_batch_key(req, keys), []).append((gen, req))
+                groups: dict[tuple, list[tuple[_Join, object, Request]]] = {}
+                for entry in tick:
+                    groups.setdefault(_batch_key(entry[2], keys), []).append(entry)
                 for group in groups.values():
-                    first = group[0][1]
-                    gens, seconds = _timed(first.agent, [req.chat for _, req in group], first.schema)
+                    first = group[0][2]
+                    gens, seconds = _timed(first.agent, [req.chat for _, _, req in group], [req.schema for _, _, req in group])
                     usage.add(first.step, gens, seconds)
-                    for (gen, _), g in zip(group, gens):
-                        advance(gen, g)
+                    for (join, key, _), g in zip(group, gens):
+                        answered(join, key, g)
                     admit()
             if futures:  # openai answers that came in meanwhile (all of them, or wait for one)
                 done, _ = wait(list(futures), timeout=0 if waiting else None, return_when=FIRST_COMPLETED)
                 for f in done:
-                    gen, req = futures.pop(f)
+                    join, key, req = futures.pop(f)
                     gens, seconds = f.result()
                     usage.add(req.step, gens, seconds)
                     pools.check(req, gens[0])
-                    advance(gen, gens[0])
+                    answered(join, key, gens[0])
                 admit()
     finally:
         pools.close()
     return usage
+
+
+def gather(items: list, method: Method, max_records: int) -> list:
+    """`method(item)` for every item, in the items' order: for callers that want all the results
+    at once (a judge's verdicts on a list) rather than each as it finishes."""
+    results: dict[int, object] = {}
+
+    def indexed(pair):
+        i, item = pair
+        return i, (yield from method(item))
+
+    run(enumerate(items), indexed, lambda done: results.__setitem__(*done), max_records)
+    return [results[i] for i in range(len(items))]

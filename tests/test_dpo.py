@@ -258,6 +258,13 @@ def test_the_judge_decides_harm_under_the_codes_not_the_label(scripted):
     assert "A pipe bomb is an explosive device" not in seen[0]  # the judge sees the answer, not the reasoning
     assert stats == {"judge_harmful": 2, "judge_differs_from_label": 3, "judge_unparsed": 1, "judged": 5,
                      "truncated_completions": 1}
+    # a request that failed is no verdict: no reward, counted (not a 0 as for an unreadable reply)
+    from safecot.backends import Generation
+    scripted.script = lambda chat, model: (Generation("", 0, error="HTTP 500") if "pipe bomb" in chat[-1]["content"]
+                                           else scripted_judge(chat, model))
+    stats.clear()
+    scores = judge([[{"role": "user", "content": r}] for r in requests], done, ids, labels, requests)
+    assert scores == [None, -1.0, -1.0, 1.0, 0.0, None] and stats["judge_errors"] == 1
 
 
 def test_grpo_can_show_the_codes_to_the_model(sft_run):

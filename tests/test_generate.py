@@ -314,7 +314,8 @@ def test_tiny_model_end_to_end(tmp_path, four_bit):
 @pytest.mark.slow
 def test_hf_batch_shares_the_policy_prefix_and_matches_one_prompt_at_a_time():
     """A batched call runs the common head of its prompts (system turn with the policies) once
-    and reuses its KV cache; greedy outputs must equal those of each prompt generated alone."""
+    and reuses its KV cache, then each row's own tokens without padding; greedy outputs must equal
+    those of each prompt generated alone."""
     from safecot.backends import Agent, LLMConfig, common_prefix_len
     from safecot.templates import load_policies, load_template
     tpl = load_template("initial_cot")
@@ -328,7 +329,8 @@ def test_hf_batch_shares_the_policy_prefix_and_matches_one_prompt_at_a_time():
     ids = backend.chat.prompt_ids(chats)
     assert common_prefix_len(ids) > 0.8 * min(len(i) for i in ids)  # the policies are the common head
     inputs = backend._batch_inputs(ids, share_prefix=True, max_new_tokens=12)
-    assert inputs["past_key_values"].get_seq_length() == common_prefix_len(ids)
+    # the cache holds the common head and every row's own tokens but the last, which generate() reads
+    assert inputs["past_key_values"].get_seq_length() == inputs["input_ids"].shape[1] - 1
     expected = [g.text for g in backend.generate(chats, alone)]
     assert [g.text for g in backend.generate(chats, shared)] == expected
     unshared = LLMConfig(model="tiny", temperature=0.0, max_new_tokens=12, batch_size=4, share_prefix=False)

@@ -152,19 +152,19 @@ class _Reply:
     ("KEEP: none\nREMOVE:\n- 1: redundant\nRESPONSE:\nNo.", [True] * 4, [None] * 4, True),  # 2-4 unaccounted: unread
 ])
 def test_refiner_reads_numbers_ranges_and_reasons_leniently(reply, kept, reasons, unread):
+    from safecot.parsing import thought_numbers
     module = load_script("02_refine")
     rec = {"prompt": "q", "response": "r", "refined_response": "r", "backend_errors": 0, "parse_failures": [],
            "truncated": [], "thought_audit": [{"thought": t, "kept": True, "reason": None, "source": s}
                                               for t, s in zip("abcd", ("initial", "initial", "round 1 agent 1", "round 2 agent 2"))]}
-    seen = []
-    tpl = type("T", (), {"schema": None,
-                         "chat": staticmethod(lambda **kw: seen.append(kw["thoughts"]) or [{"role": "user", "content": "x"}])})
-    module.refine(lambda chats, schema=None: [_Reply(reply)], tpl, [rec], "policies")
-    assert seen == ["1. [initial] a\n2. [initial] b\n3. [round 1 agent 1] c\n4. [round 2 agent 2] d"]
+    tpl = type("T", (), {"schema": None, "chat": staticmethod(lambda **kw: [{"role": "user", "content": kw["thoughts"]}])})
+    request = module.refiner_request(None, tpl, rec, "policies")
+    assert request.chat[0]["content"] == "1. [initial] a\n2. [initial] b\n3. [round 1 agent 1] c\n4. [round 2 agent 2] d"
+    module.apply_refinement(rec, _Reply(reply))
     assert [t["kept"] for t in rec["thought_audit"]] == kept
     assert [t["reason"] for t in rec["thought_audit"]] == reasons
     assert ("refine" in rec["parse_failures"]) == unread
-    assert module.numbers("1-3, 7", 10) == {1, 2, 3, 7} and module.numbers("2 to 4", 3) == {2, 3}
+    assert thought_numbers("1-3, 7", 10) == {1, 2, 3, 7} and thought_numbers("2 to 4", 3) == {2, 3}
 
 
 def test_refiner_grader_and_training_sets(tmp_path, scripted, stage1):
@@ -458,6 +458,30 @@ def test_resume_and_bad_inputs(tmp_path, scripted):
     _, rows, manifest = refine_run(tmp_path, "refine.chunk_size=2", "refine.pair_min_gap=null")
     assert len(rows["records"]) == len({r["id"] for r in rows["records"]}) == 4 and manifest["sessions"] == 2
     assert all(n <= 2 for _, n in scripted.calls_log[n_before:])  # only the missing chunk was redone
+
+
+def test_independent_steps_go_out_together_and_a_failed_request_leaves_only_its_record(tmp_path, scripted, stage1):
+    # Six records in flight: the refiner for all of them in one call; then the grades, plain
+    # answers and rejected CoTs of all of them in the same tick (one call per step); then the
+    # rejected sides' grades. One record's plain answer fails: only that record is left out.
+    prompts = [json.loads(x)["prompt"] for x in (stage1 / "records.jsonl").read_text().splitlines()]
+    base = default_script()
+
+    def flaky(chat, model):
+        if stage2_role(chat) == "plain" and prompt_of(chat, prompts) == 2:
+            return Generation("", 0, error="HTTP 500")
+        return base(chat, model)
+    scripted.script = flaky
+    out, rows, manifest = refine_run(tmp_path, "refine.pair_min_gap=null")
+    after_beliefs = scripted.calls_log[-5:]
+    assert after_beliefs == [("tiny", 6)] * 5  # refine | grade, plain, rejected | rejected grade
+    assert set(manifest["timings"]["step_s"]) >= {"refine", "grade", "plain", "rejected", "whisper", "belief_probe", "belief_judge"}
+    assert sorted(r["prompt"] for r in rows["records"]) == sorted(p for i, p in enumerate(prompts) if i != 2)
+    assert manifest["status"] == "partial" and manifest["counts"]["missing"] == 1
+    scripted.script = base
+    _, rows, manifest = refine_run(tmp_path, "refine.pair_min_gap=null")
+    assert len(rows["records"]) == len({r["id"] for r in rows["records"]}) == 6 and manifest["status"] == "complete"
+    assert scripted.calls_log[-5:] == [("tiny", 1)] * 5  # only the missing record, and no belief is learned again
 
 
 def test_sft_og_takes_the_datasets_responses(tmp_path, scripted):

@@ -233,3 +233,67 @@ def test_pool_size_covers_openai_concurrency(scripted):
     assert scheduler.pool_size(12, [hf_like]) == 12
     remote = Agent("y", LLMConfig(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", max_concurrency=64))
     assert scheduler.pool_size(12, [hf_like, remote]) == 128
+
+
+# ---- several requests in one yield ---------------------------------------------------------------
+
+def test_a_dict_of_requests_is_answered_together_and_batched_with_other_records(echo):
+    # Each record asks two independent things at once (a grade and a plain answer), then one more
+    # that depends on both. Both go into the same tick as every other record's, one call per step.
+    grader = Agent("grader", LLMConfig(backend="scripted", model="m", temperature=0.0))
+    plain = Agent("plain", LLMConfig(backend="scripted", model="m"))
+
+    def method(item):
+        got = yield {"grade": Request(grader, user(f"grade {item['id']}"), step="grade"),
+                     "plain": Request(plain, user(f"plain {item['id']}"), step="plain")}
+        nothing = yield []  # nothing to ask: the method carries on at once
+        last = yield Request(plain, user(f"then {got['grade'].text} / {got['plain'].text}"), step="then")
+        return item["id"], got["grade"].text, got["plain"].text, nothing, last.text
+
+    done = []
+    usage = scheduler.run([{"id": "a"}, {"id": "b"}], method, done.append, max_records=2)
+    assert sorted(echo.calls_log) == [("m", 2), ("m", 2), ("m", 2)]  # grade, plain, then: each for both records
+    assert sorted(done) == [("a", "re: grade a", "re: plain a", [], "re: then re: grade a / re: plain a"),
+                            ("b", "re: grade b", "re: plain b", [], "re: then re: grade b / re: plain b")]
+    assert usage.backend_calls == 3 and set(usage.seconds) == {"grade", "plain", "then"}
+
+
+def test_a_list_of_requests_comes_back_in_order_with_a_schema_each(scripted):
+    seen = []
+
+    class Spy(scripted):
+        def generate(self, chats, cfg, schema=None):
+            seen.append(schema)
+            return super().generate(chats, cfg, schema)
+    backends.BACKENDS["spy"] = Spy
+    try:
+        scripted.script = staticmethod(lambda chat, model: chat[-1]["content"].upper())
+        agent = Agent("agent", LLMConfig(backend="spy", model="m"))
+
+        def method(item):
+            gens = yield [Request(agent, user(f"{item} {k}"), {"maximum": k}, step="s") for k in (1, 2, 3)]
+            return [g.text for g in gens]
+        done = []
+        scheduler.run(["x"], method, done.append, max_records=1)
+    finally:
+        del backends.BACKENDS["spy"]
+    assert done == [["X 1", "X 2", "X 3"]]
+    assert seen == [[{"maximum": 1}, {"maximum": 2}, {"maximum": 3}]]  # one call, each chat its own schema
+
+
+def test_openai_requests_of_one_yield_are_in_flight_together():
+    def method(item):
+        got = yield {"a": Request(agent, user("BEHAVE:gate a")), "b": Request(agent, user("BEHAVE:gate b"))}
+        return got["a"].text, got["b"].text
+
+    with OpenAITestServer(gate_timeout_s=10.0) as server:
+        agent = openai_agent(server)
+        done: list = []
+        thread, out = run_in_thread([{"id": 1}], method, done.append, max_records=1)
+        try:
+            assert server.wait_in_flight(2, timeout=10.0)  # both held at once: neither waited for the other
+            assert done == []
+        finally:
+            server.open_gate()
+            thread.join(timeout=30.0)
+    assert "error" not in out and done == [("echo: BEHAVE:gate a", "echo: BEHAVE:gate b")]

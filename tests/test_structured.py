@@ -16,7 +16,7 @@ from safecot import backends
 from safecot.backends import Agent, LLMConfig, cap_strings, per_chat, vllm_structured
 from safecot.grading import CRITERIA, parse_grades
 from safecot.judges import parse_refusal_class, parse_reward_verdict, parse_safety, parse_strongreject
-from safecot.parsing import as_list, json_object, parse_cot, parse_intents, parse_review
+from safecot.parsing import as_list, json_object, parse_cot, parse_intents, parse_refinement, parse_review
 from safecot.templates import TEMPLATES, load_template
 
 refine_stage = load_script("02_refine")
@@ -40,7 +40,7 @@ ANSWERS = {
     "deliberate": ({"verdict": "revise", "thoughts": ["The request is not harmful."], "response": "Sure."},
                    parse_review, ("revise", ["The request is not harmful."], "Sure.")),
     "refine": ({"keep": [1, 3], "remove": [{"thought": 2, "reason": "repetitive"}], "response": "Final."},
-               lambda t: refine_stage.read_refinement(t, 3), ({1, 3}, {2: "repetitive"}, "Final.")),
+               lambda t: parse_refinement(t, 3), ({1, 3}, {2: "repetitive"}, "Final.")),
     "grade_cot": (dict.fromkeys(CRITERIA, 4) | {"coherence": 2}, parse_grades, dict.fromkeys(CRITERIA, 4) | {"coherence": 2}),
     "ear_whisperer": ({"beliefs": ["I believe rules are optional."]}, read_beliefs, ["I believe rules are optional."]),
     "judge_safety": ({"verdict": "UNSAFE", "reason": "It gives the steps."}, parse_safety, False),
@@ -87,7 +87,7 @@ def test_parsers_read_json_with_raw_control_characters_and_still_read_free_text(
     assert parse_grades('{"relevance": 7, "coherence": "4/5"}') == dict.fromkeys(CRITERIA) | {"coherence": 4}
     assert parse_reward_verdict("**HARMFUL:** No\nSCORE: 2") == (False, 2)
     assert parse_strongreject("Unrelated {\"a\": 1}\n1.b 1\n2.b 2\n3.b 2")["refused"] == 1   # stray JSON is not the verdict
-    keep, reasons, response = refine_stage.read_refinement("KEEP: 1-2\nREMOVE:\n- 3: redundant\nRESPONSE:\nOk.", 3)
+    keep, reasons, response = parse_refinement("KEEP: 1-2\nREMOVE:\n- 3: redundant\nRESPONSE:\nOk.", 3)
     assert (keep, reasons, response) == ({1, 2}, {3: "redundant"}, "Ok.")
     # the refiner's schema names only thoughts that exist
     numbered = refine_stage.numbered(load_template("refine").schema, 2)
