@@ -312,7 +312,8 @@ def test_tiny_model_end_to_end(tmp_path, four_bit):
 
 
 @pytest.mark.slow
-def test_hf_batch_shares_the_policy_prefix_and_matches_one_prompt_at_a_time():
+@pytest.mark.parametrize("row_prefill", [True, False])
+def test_hf_batch_shares_the_policy_prefix_and_matches_one_prompt_at_a_time(row_prefill, monkeypatch):
     """A batched call runs the common head of its prompts (system turn with the policies) once
     and reuses its KV cache, then each row's own tokens without padding; greedy outputs must equal
     those of each prompt generated alone."""
@@ -326,11 +327,13 @@ def test_hf_batch_shares_the_policy_prefix_and_matches_one_prompt_at_a_time():
     alone = LLMConfig(model="tiny", temperature=0.0, max_new_tokens=12, batch_size=1)
     shared = LLMConfig(model="tiny", temperature=0.0, max_new_tokens=12, batch_size=4)
     backend = Agent("a", alone).backend
+    monkeypatch.setattr(backend, "ROW_PREFILL_FROM", 0 if row_prefill else 10**9)
     ids = backend.chat.prompt_ids(chats)
     assert common_prefix_len(ids) > 0.8 * min(len(i) for i in ids)  # the policies are the common head
     inputs = backend._batch_inputs(ids, share_prefix=True, max_new_tokens=12)
-    # the cache holds the common head and every row's own tokens but the last, which generate() reads
-    assert inputs["past_key_values"].get_seq_length() == inputs["input_ids"].shape[1] - 1
+    # the cache holds the common head, and (row by row) every row's own tokens but the last, which generate() reads
+    cached = inputs["input_ids"].shape[1] - 1 if row_prefill else common_prefix_len(ids)
+    assert inputs["past_key_values"].get_seq_length() == cached
     expected = [g.text for g in backend.generate(chats, alone)]
     assert [g.text for g in backend.generate(chats, shared)] == expected
     unshared = LLMConfig(model="tiny", temperature=0.0, max_new_tokens=12, batch_size=4, share_prefix=False)
