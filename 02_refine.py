@@ -225,7 +225,7 @@ def apply_refinement(rec: dict, gen, keep_unfinished: bool = False) -> None:
     rec["refined_response"] = response or rec["refined_response"]
 
 
-def grade_request(grader, tpl, policies: str, thoughts: list[str], response: str, prompt: str) -> Request:
+def grade_request(grader, tpl, prompt: str, thoughts: list[str], response: str, policies: str) -> Request:
     return Request(grader, grade_chat(tpl, prompt, thoughts, response, policies), tpl.schema, "grade")
 
 
@@ -374,8 +374,8 @@ def refine_record(rec: dict, cfg: Config, agents: dict, tpl: dict, policies: str
 
     # 3-4. Independent of one another: the grades of the refined CoT, SFT_OG's plain answer (unless
     # the dataset has one), and the rejected side's CoT (belief) or the task-only reasoning (reflection).
-    ask = {"grade": grade_request(agents["grader"], tpl["grade_cot"], policies, rec["refined_thoughts"],
-                                  rec["refined_response"], rec["prompt"])}
+    ask = {"grade": grade_request(agents["grader"], tpl["grade_cot"], rec["prompt"], rec["refined_thoughts"],
+                                  rec["refined_response"], policies)}
     if cfg.og_source != "generated" and rec.get("original_response"):
         rec["og_response"], rec["og_source"] = rec["original_response"], "dataset"
     else:
@@ -401,8 +401,8 @@ def refine_record(rec: dict, cfg: Config, agents: dict, tpl: dict, policies: str
     if cfg.pairs == "belief":
         belief_pair(cfg, rec, belief, got.get("rejected"))
         if rec["pair"]:
-            g = yield grade_request(agents["grader"], tpl["grade_cot"], policies, rec["pair"]["rejected_thoughts"],
-                                    rec["pair"]["rejected_response"], rec["prompt"])
+            g = yield grade_request(agents["grader"], tpl["grade_cot"], rec["prompt"], rec["pair"]["rejected_thoughts"],
+                                    rec["pair"]["rejected_response"], policies)
             rec["pair"]["rejected_grades"] = grades_of(g, agents["grader"], cfg)
             rec["truncated"] += ["rejected_grade"] * g.truncated
     else:

@@ -9,12 +9,12 @@ A stage writes each record's method as one generator that reads like the paper: 
         ...
         return rec
 
+    usage = run(todo, method, on_done=writer.write, max_records=64, bar=bar)
+
 Steps that do not depend on each other go out together: yield a dict (or list) of Requests and get
 a dict (or list) of Generations back once all of them are answered, e.g.
 `got = yield {"grade": Request(...), "plain": Request(...)}`. A sub-step shared by several methods
 is a generator too, called with `yield from`.
-
-    usage = run(todo, method, on_done=writer.write, max_records=64, bar=bar)
 
 How requests reach the backends depends on the agent:
 - `openai`: each request goes out as soon as its record is ready, on a thread pool per backend
