@@ -33,7 +33,6 @@ thoughts, response, deliberation_log, rounds, turns, stop_reason, parse_failures
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from safecot.prompt_sets import load_prompt_sources, prompt_sources
 from safecot.records import InputError, Manifest, RecordWriter
 from safecot.parsing import parse_cot, parse_intents, parse_review
 from safecot.scheduler import Request
-from safecot.stage import open_stage, run_cli, set_seed
+from safecot.stage import open_stage, run_cli, seed_agents
 from safecot.templates import load_policies, load_template
 
 
@@ -182,14 +181,6 @@ def record_inputs(manifest: Manifest, cfg: Config, sources: list, policy_set, te
             manifest.input(f"schema {name}", Path(cfg.templates) / f"{name}.schema.json")
 
 
-def seed_sampling(seed: int, agents: list[Agent]) -> None:
-    """A server samples with its own seed: only local models need torch's generators seeded (and an
-    openai-only run then skips importing transformers, seconds on a small machine)."""
-    random.seed(seed)
-    if not all(scheduler.concurrent(a) for a in agents):
-        set_seed(seed)
-
-
 def main(cfg: Config, overwrite: bool = False):
     if cfg.n_agents < 1 or cfg.max_rounds < 0:
         raise InputError("generate.n_agents must be >= 1 and generate.max_rounds >= 0")
@@ -203,7 +194,7 @@ def main(cfg: Config, overwrite: bool = False):
     with open_stage(cfg, "01_generate", overwrite, resume_ignores=("limit", "chunk_size"), seed=False) as st:
         record_inputs(st.manifest, cfg, sources, policy_set, tpl)
         intent_agent, initial_agent, *deliberators = agents = [Agent(role, llm) for role, llm in roles.items()]
-        seed_sampling(cfg.seed, agents)
+        seed_agents(cfg.seed, agents)
         writer = RecordWriter(st.out / "records.jsonl")
         writer.check_inputs(prompts, ("prompt", "original_response"))
         todo = [p for p in prompts if p["id"] not in writer.done]

@@ -69,7 +69,7 @@ from safecot.judges import REFUSAL_PATTERNS, detect_refusal, parse_safety
 from safecot.parsing import as_list, items, json_object, parse_cot, parse_refinement, parse_review, sections
 from safecot.records import InputError, RecordWriter, read_jsonl, require_complete, stage_dir, write_jsonl
 from safecot.scheduler import Request
-from safecot.stage import open_stage, run_cli
+from safecot.stage import open_stage, run_cli, seed_agents
 from safecot.templates import load_policies, load_template
 
 
@@ -499,12 +499,13 @@ def main(cfg: Config, overwrite: bool = False):
     tpl = {n: load_template(n, cfg.templates) for n in ("refine", "grade_cot", "plain_response", "ear_whisperer",
                                                         "belief_cot", "judge_safety", "task_cot", "continue_cot")}
     # The stage folder is locked while this process writes it (safecot/stage.py).
-    with open_stage(cfg, "02_refine", overwrite, resume_ignores=("limit", "chunk_size")) as st:
+    with open_stage(cfg, "02_refine", overwrite, resume_ignores=("limit", "chunk_size"), seed=False) as st:
         if os.path.isfile(source_path):
             st.manifest.input("source", source_path, len(source))
         agents = {"refiner": Agent("refiner", cfg.llm.merged(cfg.refiner)), "grader": Agent("grader", cfg.llm.merged(cfg.grader)),
                   "plain": Agent("plain_responder", cfg.llm.merged(cfg.plain)),
                   "whisperer": Agent("ear_whisperer", cfg.llm.merged(cfg.whisperer))}
+        seed_agents(cfg.seed, agents.values())
         # The grades filter the training rows and pick the pairs: a generator grading its own CoTs is
         # lenient with them, so a separate grader (refine.grader: {model: ...}) is recorded as such.
         grader = st.manifest.data["grader"] = {"model": agents["grader"].cfg.model, "is_generator": agents["grader"].cfg.model == cfg.llm.model}

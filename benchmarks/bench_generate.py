@@ -39,7 +39,8 @@ it), so records finish at different times. The stage runs as a subprocess of the
 (seed.jsonl repeated with distinct ids if it has fewer), llm.max_concurrency = --sim-concurrency,
 generate.chunk_size = --sim-prompts, with a timeout (--sim-timeout). It reports the stage's wall
 time (its manifest's `wall_s`) against the lower bound computed from the requests the server saw:
-max(longest chain of one record's latencies, total latency / concurrency).
+max(longest chain of one record's latencies, total latency / concurrency). With --sim-refine it
+then runs stage 2 on those records against the same server and reports its wall time too.
 
 Models: `tiny` is the project's offline tiny model (safecot/tiny.py). `random-30m` is a random
 Llama of about 30M parameters built here, into a temporary folder, on the tiny model's tokenizer,
@@ -264,6 +265,9 @@ class SimServer:
         if "List the explicit and the implicit intents" in user:
             return (f"EXPLICIT:\n- wants to know: {topic}\n- wants a direct, complete answer\n"
                     f"IMPLICIT:\n- may be curious or researching the topic\n- may need to stay safe"), seconds, prompt
+        stage2 = self.stage2_answer(system, messages, topic)
+        if stage2:
+            return stage2, seconds, prompt
         if "Current thoughts" not in user:
             return ("THOUGHTS:\n1. The user asks about " + topic + ".\n2. The policies allow general, factual "
                     "information but no operational help with harm.\n3. Answer at that level.\n"
@@ -280,6 +284,30 @@ class SimServer:
                     f"{i + 3}. Agent {i % n_agents + 1} checked the answer against the policies again.\n" for i in range(turn))
                 + f"RESPONSE:\nHere is some general information about {topic} (revision {turn}), without operational detail."
                 ), seconds, prompt
+
+    @staticmethod
+    def stage2_answer(system: str, messages: list[dict], topic: str) -> str | None:
+        """Stage 2's roles (--sim-refine): refiner, grader, safety judge, ear-whisperer, a CoT
+        written holding a belief, and the plain answer (a bare user turn)."""
+        if "You are the refiner" in system:
+            return f"KEEP: 1, 2\nREMOVE:\n- 3: redundant\nRESPONSE:\nHere is general information about {topic}."
+        if "strict grader" in system:
+            return ("RELEVANCE: 5\nCOHERENCE: 4\nCOMPLETENESS: 4\nFAITHFULNESS POLICY COT: 5\n"
+                    "FAITHFULNESS POLICY RESPONSE: 5\nFAITHFULNESS COT RESPONSE: 4")
+        if "strict safety judge" in system:
+            return "VERDICT: SAFE\nREASON: general information only."
+        if "ear-whisperer" in system:
+            return "BELIEFS:\n- I believe rules are optional here.\n- I believe the user has every right to this."
+        if "reasons step by step before answering" in system:
+            return f"THOUGHTS:\n1. Rules are optional here.\n2. So I answer in full.\nRESPONSE:\nSure, all about {topic}."
+        if len(messages) == 1:
+            return f"A plain answer about {topic}."
+        return None
+
+    def restart(self) -> None:
+        """Forget the requests seen so far (the next stage is measured on its own)."""
+        with self.lock:
+            self.log, self.first, self.last = [], None, None
 
     def lower_bound(self, concurrency: int, records_in_flight: int) -> dict:
         chains: dict[str, float] = {}
@@ -342,7 +370,10 @@ def run_openai_sim(args, work: Path, checkout: Path, label: str) -> dict:
             "llm": {"backend": "openai", "model": "sim", "base_url": server.base_url, "load_in_4bit": False,
                     "max_concurrency": args.sim_concurrency, "timeout_s": 60.0, "max_retries": 0, "max_new_tokens": 256},
             "generate": {"prompts": str(prompts), "limit": args.sim_prompts, "chunk_size": args.sim_prompts,
-                         "n_agents": args.n_agents, "max_rounds": args.sim_rounds}}))
+                         "n_agents": args.n_agents, "max_rounds": args.sim_rounds},
+            # --sim-refine: stage 2 on the same server; no embedding de-duplication (CPU, not scheduling)
+            "refine": {"chunk_size": args.sim_prompts, "dedup_threshold": None, "pair_min_gap": None,
+                       "belief_candidates": 2, "belief_rounds": 1, "belief_probe": 2}}))
         cmd = [sys.executable, "01_generate.py", "--config", str(recipe), "--overwrite"]
         env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "TQDM_DISABLE": "1"}
         t0 = time.perf_counter()
@@ -356,6 +387,18 @@ def run_openai_sim(args, work: Path, checkout: Path, label: str) -> dict:
         bound = server.lower_bound(args.sim_concurrency, max(args.sim_prompts, 2 * args.sim_concurrency))
         if args.out:
             Path(args.out).with_suffix(f".{label.replace(' ', '_')}.chains.json").write_text(json.dumps(server.chains))
+        refine = {}
+        if args.sim_refine:
+            server.restart()
+            cmd[1] = "02_refine.py"
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=args.sim_timeout)
+            if proc.returncode != 0:
+                return {"arm": f"openai-sim ({label})", "error": ["02_refine"] + proc.stderr.strip().splitlines()[-1:]}
+            m2 = json.loads((work / "runs" / "sim" / "02_refine" / "manifest.json").read_text())
+            refine = {"refine_wall_s": m2["timings"]["wall_s"], "refine_process_s": time.perf_counter() - t0,
+                      "refine_served_s": server.last - server.first, "refine_requests": len(server.log),
+                      "refine_records": m2["counts"]["records"], "refine_dpo_rows": m2["counts"]["dpo_rows"]}
     manifest = json.loads((work / "runs" / "sim" / "01_generate" / "manifest.json").read_text())
     wall = manifest["timings"]["wall_s"]
     return {"arm": f"openai-sim ({label})", "checkout": str(checkout), "prompts": args.sim_prompts,
@@ -363,7 +406,7 @@ def run_openai_sim(args, work: Path, checkout: Path, label: str) -> dict:
             "served_vs_lower_bound": bound["served_s"] / bound["lower_bound_s"],
             "records": manifest["counts"]["records"], "stop_reasons": manifest["counts"]["stop_reasons"],
             "turns": manifest["counts"]["turns"], "backend_errors": manifest["counts"]["this_session"]["backend_errors"],
-            "parse_failures": manifest["counts"]["parse_failures"]}
+            "parse_failures": manifest["counts"]["parse_failures"], **refine}
 
 
 def sim_main(args) -> list[dict]:
@@ -384,6 +427,10 @@ def sim_main(args) -> list[dict]:
                   f"(longest chain {r['longest_chain_s']:.1f} s, total {r['total_latency_s']:.0f} s / {args.sim_concurrency}); "
                   f"{r['wall_s'] / r['lower_bound_s']:.2f}x the bound; {r['requests']} requests, {r['records']} records, "
                   f"stop {r['stop_reasons']}, errors {r['backend_errors']}", flush=True)
+            if "refine_wall_s" in r:
+                print(f"  stage 2: {r['refine_wall_s']:.1f} s (process {r['refine_process_s']:.1f} s), first request to last "
+                      f"answer {r['refine_served_s']:.1f} s; {r['refine_requests']} requests, {r['refine_records']} records, "
+                      f"{r['refine_dpo_rows']} DPO pairs", flush=True)
         ok = [r for r in rows if "error" not in r]
         if len(ok) == 2:
             # The stage's wall time includes its imports (transformers alone takes seconds here);
@@ -395,6 +442,10 @@ def sim_main(args) -> list[dict]:
                   f"{ok[1]['wall_s'] / ok[0]['wall_s']:.2f}x faster, {ok[0]['vs_lower_bound']:.2f}x the bound")
             rows.append({"arm": "openai-sim speed-up vs baseline", "speedup_served": speedup,
                          "speedup_stage": ok[1]["wall_s"] / ok[0]["wall_s"]})
+            if "refine_wall_s" in ok[0] and "refine_wall_s" in ok[1]:
+                print(f"stage 2, this checkout vs baseline: {ok[1]['refine_wall_s'] / ok[0]['refine_wall_s']:.2f}x faster "
+                      f"(first request to last answer: {ok[1]['refine_served_s'] / ok[0]['refine_served_s']:.2f}x)")
+                rows[-1]["speedup_refine"] = ok[1]["refine_wall_s"] / ok[0]["refine_wall_s"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -451,6 +502,8 @@ def main(argv=None):
     sim.add_argument("--sim-median", type=float, default=0.5, help="median latency, seconds")
     sim.add_argument("--sim-sigma", type=float, default=0.5, help="lognormal sigma of the latency")
     sim.add_argument("--sim-timeout", type=int, default=300, help="seconds a stage run may take")
+    sim.add_argument("--sim-refine", action="store_true",
+                     help="then run stage 2 on the stage-1 records, against the same server, and time it too")
     sim.add_argument("--baseline", default=None,
                      help="another checkout to run the same way, e.g. `git worktree add /tmp/wt_d29 d29ca90`")
     args = parser.parse_args(argv)

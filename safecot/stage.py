@@ -83,6 +83,16 @@ def set_seed(seed: int) -> None:
     transformers.set_seed(seed)
 
 
+def seed_agents(seed: int, agents) -> None:
+    """Seed what the agents sample with. A server samples with its own seed: only local models
+    need torch's generators seeded, so a stage whose agents are all `openai` skips importing
+    transformers (seconds on a small machine) and seeds Python's `random` alone."""
+    import random
+    random.seed(seed)
+    if any(a.cfg.backend != "openai" for a in agents):
+        set_seed(seed)
+
+
 # ---- the stage folder ------------------------------------------------------------------------
 
 @contextmanager
