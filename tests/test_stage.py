@@ -157,3 +157,18 @@ def test_every_stage_that_writes_records_takes_the_lock(tmp_path, scripted, scri
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_seed_agents_seeds_torch_only_for_local_models(monkeypatch):
+    # A server samples with its own seed: an openai-only stage must not import transformers to seed torch.
+    import random
+
+    seeded = []
+    monkeypatch.setattr(stage, "set_seed", seeded.append)
+    remote = type("A", (), {"cfg": type("C", (), {"backend": "openai"})()})()
+    local = type("A", (), {"cfg": type("C", (), {"backend": "hf"})()})()
+    stage.seed_agents(7, [remote, remote])
+    first = random.random()
+    assert seeded == []
+    stage.seed_agents(7, [remote, local])
+    assert seeded == [7] and random.random() == first
