@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .dataclass_io import ConfigError, from_dict, to_dict  # noqa: F401 (re-exported: recipes raise ConfigError)
+from .dataclass_io import ConfigError, from_dict  # noqa: F401 (re-exported: recipes raise ConfigError)
 
 COMMON_KEYS = ("run_name", "seed", "runs_dir", "llm", "policies")
 SECTIONS = ("generate", "refine", "sft", "dpo", "eval")

@@ -50,7 +50,3 @@ def _coerce(hint, value, where, source):
     if hint in (int, float, str, bool) and value is not None and not isinstance(value, hint):
         raise ConfigError(f"{source}: '{where}' should be {hint.__name__}, got {value!r}")
     return value
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

@@ -88,8 +88,10 @@ def seed_agents(seed: int, agents) -> None:
     need torch's generators seeded, so a stage whose agents are all `openai` skips importing
     transformers (seconds on a small machine) and seeds Python's `random` alone."""
     import random
+
+    from .scheduler import concurrent
     random.seed(seed)
-    if any(a.cfg.backend != "openai" for a in agents):
+    if not all(concurrent(a) for a in agents):
         set_seed(seed)
 
 
