@@ -22,7 +22,12 @@ Chats are sent as each model's chat template can express them (safecot/chat.py: 
 folded into the user turn, a reasoning prefill given back to the text). A Generation says whether
 it stopped at its token budget (`truncated`) rather than at the end of its turn. A request that
 fails after its retries comes back as a Generation with `error` set, so one bad prompt does not
-stop a run; a call whose every request fails raises BackendError.
+stop a run; a call whose every request fails raises BackendError (unless each failed on its own
+prompt: too long for the context). An error reads `<kind>: <what happened>`, and `error_kind`
+gives the kind the stages count failures by: `status 500` (any HTTP status), `timeout`,
+`connection`, `malformed` (a reply that is no chat completion), `context` (an `hf` prompt whose
+tokens plus max_new_tokens exceed the model's context window: not generated), else the
+exception's type name.
 """
 from __future__ import annotations
 
@@ -87,6 +92,30 @@ class Generation:
 
 class BackendError(RuntimeError):
     """Every request of a call failed: the server is down, the model is missing..."""
+
+
+_KIND = re.compile(r"(status \d{3}|timeout|connection|malformed|context)(?=:|$)")
+_HTTP = re.compile(r"(?:HTTP|status)\s+(\d{3})\b", re.I)
+_TYPE = re.compile(r"([A-Za-z_][\w.]*)(?=:)")
+PER_PROMPT = ("context",)               # kinds of failure that are the prompt's own, not the backend's
+
+
+def error_kind(message: str | None) -> str:
+    """The kind of a Generation's `error` (see the module docstring): `status 500`, `timeout`,
+    `connection`, `malformed`, `context`, else the exception's type name (`error` if none)."""
+    text = (message or "").strip()
+    if m := _KIND.match(text):
+        return m.group(1)
+    if m := _HTTP.match(text):
+        return f"status {m.group(1)}"
+    m = _TYPE.match(text)
+    return m.group(1) if m else "error"
+
+
+def short(text, n: int = 200) -> str:
+    """One line of at most n characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 Schema = dict | None
@@ -164,6 +193,7 @@ class HFBackend(Backend):
         self.chat = ChatFormat(self.tokenizer, cfg.model)  # probed once: system turn, alternation, prefill
         self.model = load_model(cfg.model, cfg.load_in_4bit, cfg.dtype, cfg.adapter).eval()
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
+        self.context = context_window(self.model.config, self.tokenizer)  # None: unknown, nothing refused
         self._grammars: dict[str, object] = {}  # compiled per schema, for this tokenizer
         self._compiler = None
 
@@ -237,8 +267,12 @@ class HFBackend(Backend):
         results: list[Generation | None] = [None] * len(chats)
         schemas = per_chat(schema, len(chats), cfg)
         ids = self.chat.prompt_ids([with_schema(c, s) for c, s in zip(chats, schemas)])
+        for i, row in enumerate(ids):  # past the context window: not generated, the row's failure alone
+            if self.context and len(row) + cfg.max_new_tokens > self.context:
+                results[i] = Generation("", 0, error=f"context: prompt of {len(row)} tokens + {cfg.max_new_tokens} new "
+                                                     f"> {self.context}")
         # Longest first, so each micro-batch holds similar lengths and pads little.
-        order = sorted(range(len(chats)), key=lambda i: -len(ids[i]))
+        order = sorted((i for i in range(len(chats)) if results[i] is None), key=lambda i: -len(ids[i]))
         pad = self.tokenizer.pad_token_id
         bar = tqdm(total=len(chats), desc="  generate", leave=False, disable=len(chats) <= cfg.batch_size)
         for idx in batched(order, cfg.batch_size):
@@ -293,6 +327,18 @@ class GrammarMask:
         return scores
 
 
+SANE_CONTEXT = 10**8                    # a tokenizer that does not know its length says 1e30
+
+
+def context_window(config, tokenizer) -> int | None:
+    """The model's context in tokens: the smaller of its config's max_position_embeddings and its
+    tokenizer's model_max_length, of those that are known and sane; None if neither is."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    known = [n for n in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None))
+             if isinstance(n, int) and not isinstance(n, bool) and 0 < n < SANE_CONTEXT]
+    return min(known) if known else None
+
+
 def common_prefix_len(rows: list[list[int]]) -> int:
     """Tokens every row starts with, leaving each row at least one token of its own (generation
     needs a fresh token to start from)."""
@@ -333,7 +379,23 @@ class OpenAIBackend(Backend):
             return Generation(text.strip(), tokens, truncated=choice.finish_reason == "length")
         except (self.openai.OpenAIError, ValueError, AttributeError, IndexError, TypeError) as e:
             # HTTP errors and timeouts after retries, and bodies that are not a chat completion.
-            return Generation("", 0, error=f"{type(e).__name__}: {str(e)[:300]}")
+            return Generation("", 0, error=self.failure(e))
+
+    def failure(self, e: Exception) -> str:
+        """`<kind>: <exception type>: <what it said>`, one short line (error_kind reads the kind)."""
+        o, detail = self.openai, str(e)
+        if isinstance(e, o.APIStatusError):
+            body = e.body if isinstance(e.body, dict) else {}
+            kind, detail = f"status {e.status_code}", body.get("message") or e.message
+        elif isinstance(e, o.APITimeoutError):
+            kind = "timeout"
+        elif isinstance(e, o.APIConnectionError):
+            kind, detail = "connection", f"{e} ({e.__cause__})" if e.__cause__ else str(e)
+        elif isinstance(e, (o.APIResponseValidationError, ValueError, AttributeError, IndexError, TypeError)):
+            kind = "malformed"  # the reply is no chat completion
+        else:
+            return f"{type(e).__name__}: {short(detail)}"
+        return f"{kind}: {type(e).__name__}: {short(detail)}"
 
     def _create(self, chat: Chat, cfg: LLMConfig, schema: Schema = None):
         extra = {}
@@ -429,7 +491,7 @@ class Agent:
         if not chats:
             return []
         gens = self.backend.generate(chats, self.cfg, schema=schema)
-        if all(g.error for g in gens):
+        if all(g.error for g in gens) and not all(error_kind(g.error) in PER_PROMPT for g in gens):
             raise BackendError(f"{self.role} ({self.label}): all {len(gens)} requests failed; first: {gens[0].error}")
         return gens
 

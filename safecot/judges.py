@@ -369,14 +369,15 @@ class ChoiceJudge(Judge):
 
 class LLMJudge(Judge):
     """A template under data/templates/ sent through any backend; `parse` reads its verdict."""
-    TEMPLATES = {"safety": "judge_safety", "refusal": "judge_refusal", "strongreject": "judge_strongreject"}
+    TEMPLATES = {"safety": "judge_safety", "refusal": "judge_refusal", "strongreject": "judge_strongreject",
+                 "cot": "grade_cot"}
 
     def __init__(self, task: str, cfg: LLMConfig, policies: str, templates=None):
         self.task, self.policies = task, policies
         self.agent = Agent(f"judge_{task}", cfg)
         self.agents = (self.agent,)
         self.name = f"llm:{self.agent.label}"
-        self.tpl = load_template("grade_cot" if task == "cot" else self.TEMPLATES[task], templates)
+        self.tpl = load_template(self.TEMPLATES[task], templates)
         schema = {"schema": self.tpl.schema} if cfg.structured else {}  # only then does it shape the verdicts
         self.settings = json.dumps({"llm": cfg.output_settings(), "template": [self.tpl.system, self.tpl.user],
                                     "policies": policies, **schema}, sort_keys=True)
@@ -400,8 +401,9 @@ class LLMJudge(Judge):
         return {"judge": self.name, **v, "raw": gen.text}
 
 
-def check_judges(judges: dict) -> None:
-    """Refuse unknown tasks and judge specs before anything is generated."""
+def check_judges(judges: dict, templates=None) -> None:
+    """Refuse unknown tasks and judge specs before anything is generated; with `templates` (a
+    folder), load the template of every LLM judge too, so a broken one stops before any model loads."""
     for task, spec in judges.items():
         if task not in TASKS:
             raise InputError(f"eval.judges: unknown task '{task}' (known: {', '.join(TASKS)})")
@@ -409,6 +411,8 @@ def check_judges(judges: dict) -> None:
             raise InputError("eval.judges.cot: the refusal detector cannot grade reasoning; use llm or none")
         if spec not in (None, "none", False, "detector", "llm") and not isinstance(spec, dict):
             raise InputError(f"eval.judges.{task}: expected detector, llm, none or a mapping of LLM settings, got {spec!r}")
+        if templates is not None and (spec == "llm" or isinstance(spec, dict)):
+            load_template(LLMJudge.TEMPLATES[task], templates)
 
 
 def make_judge(task: str, spec, llm: LLMConfig, policies: str, templates=None) -> Judge | None:

@@ -145,6 +145,9 @@ def prompt_sources(prompts, split: str = "train", subset: str | None = None, col
         if not isinstance(entry, dict) or "source" not in entry or set(entry) - set(SOURCE_KEYS):
             raise InputError(f"generate.prompts[{i}]: expected a mapping with source and optional "
                              f"{', '.join(SOURCE_KEYS[1:])}, got {entry!r}")
+        limit = entry.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise InputError(f"generate.prompts[{i}].limit must be a positive number of prompts or null (all), got {limit!r}")
         specs.append({"split": split, "subset": None, "columns": {}, "defaults": {}, "values": {}, "limit": None, **entry})
     return specs
 

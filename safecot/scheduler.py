@@ -9,7 +9,7 @@ A stage writes each record's method as one generator that reads like the paper: 
         ...
         return rec
 
-    usage = run(todo, method, on_done=writer.write, max_records=64, bar=bar)
+    usage = run(todo, method, on_done=save, max_records=64, bar=bar)   # save(rec) -> True if written
 
 Steps that do not depend on each other go out together: yield a dict (or list) of Requests and get
 a dict (or list) of Generations back once all of them are answered, e.g.
@@ -29,10 +29,13 @@ How requests reach the backends depends on the agent:
   stay full instead of shrinking as records finish (e.g. agents agreeing early).
 
 `on_done(result)` gets each method's return value as soon as the method returns (the stage writes
-it at once, so a kill loses only the records in flight). A request that fails after its retries
-comes back as a Generation with `error` set, for the method to handle; a batched call whose every
-request fails raises BackendError as `Agent` does, and so does an openai backend whose first
-`max_concurrency` requests all fail (a server that is down, a model it does not serve).
+it at once, so a kill loses only the records in flight) and returns True when it wrote it: the
+progress bar counts only those, and shows the others as `failed`. A request that fails after its
+retries comes back as a Generation with `error` set, for the method to handle, and is counted in
+`Usage.failures` by kind (backends.error_kind; `failure_lines` says them, one line a kind); a
+batched call whose every request fails raises BackendError as `Agent` does, and so does an openai
+backend whose first `max_concurrency` requests all fail (a server that is down, a model it does
+not serve).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Generator, Iterable
 
-from .backends import Agent, BackendError, Generation
+from .backends import Agent, BackendError, Generation, error_kind
 from .chat import Chat
 
 
@@ -60,11 +63,22 @@ class Usage:
     backend_calls: int = 0
     generated_tokens: int = 0
     seconds: dict = field(default_factory=dict)     # step -> seconds spent in its calls (summed over threads)
+    failures: dict = field(default_factory=dict)    # kind -> {"count": failed requests, "example": the first's error}
 
     def add(self, step: str, gens: list[Generation], seconds: float) -> None:
         self.backend_calls += 1
         self.generated_tokens += sum(g.tokens for g in gens)
         self.seconds[step] = self.seconds.get(step, 0.0) + seconds
+        for g in gens:
+            if g.error:
+                seen = self.failures.setdefault(error_kind(g.error), {"count": 0, "example": g.error})
+                seen["count"] += 1
+
+
+def failure_lines(failures: dict) -> list[str]:
+    """One line per kind of failed request, most frequent first: `3 x status 500, e.g. status 500: ...`."""
+    ranked = sorted(failures.items(), key=lambda kv: (-kv[1]["count"], kv[0]))
+    return [f"{f['count']} x {kind}, e.g. {f['example']}" for kind, f in ranked]
 
 
 _END = object()
@@ -114,10 +128,11 @@ def _timed(agent: Agent, chats: list[Chat], schema: list) -> tuple[list[Generati
 
 
 def _one(agent: Agent, chat: Chat, schema: dict | None) -> tuple[list[Generation], float]:
-    """One openai request; its failure is the record's, not the run's (see `_Pools.check`)."""
+    """One openai request; its failure is the record's, not the run's (see `_Pools.check`). Asked of
+    the backend itself: `Agent` would raise on a call of one failed request."""
     t0 = time.perf_counter()
     try:
-        gens = agent([chat], schema=schema)
+        gens = agent.backend.generate([chat], agent.cfg, schema=schema)
     except BackendError as e:
         gens = [Generation("", 0, error=str(e))]
     return gens, time.perf_counter() - t0
@@ -162,27 +177,33 @@ def _batch_key(req: Request, keys: dict) -> tuple:
     return (*keys[id(agent)], req.step)
 
 
-def run(items: Iterable[dict], method: Method, on_done: Callable[[object], None], max_records: int,
+def run(items: Iterable[dict], method: Method, on_done: Callable[[object], bool | None], max_records: int,
         bar=None, usage: Usage | None = None) -> Usage:
     """Run `method(item)` for every item, `max_records` at a time; see the module docstring.
-    Returns what the backends did (added to `usage` when given, e.g. over several runs of a stage)."""
+    Returns what the backends did (added to `usage` when given, e.g. over several runs of a stage).
+    `bar` (tqdm) advances for each result `on_done` wrote (returned True); the others are its
+    `failed` postfix."""
     usage = Usage() if usage is None else usage
     todo = iter(items)
-    live = 0
+    live = unwritten = 0
     waiting: list[tuple[_Join, object, Request]] = []   # batched requests for the next tick
     futures: dict[Future, tuple[_Join, object, Request]] = {}
     pools, keys = _Pools(), {}
 
     def advance(gen: Generator, value) -> None:
-        nonlocal live
+        nonlocal live, unwritten
         while True:
             try:
                 asked = gen.send(value)
             except StopIteration as stop:
                 live -= 1
-                on_done(stop.value)
+                written = on_done(stop.value)
                 if bar is not None:
-                    bar.update(1)
+                    if written:
+                        bar.update(1)
+                    else:
+                        unwritten += 1
+                        bar.set_postfix(failed=unwritten)
                 return
             join = _Join(gen, asked)
             if join.keys:

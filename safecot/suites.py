@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .prompt_sets import _rows, prompt_id
-from .records import InputError, numbered_rows
+from .records import InputError, numbered_rows, read_text
 from .templates import load_template
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eval"
@@ -106,8 +106,8 @@ def suite_spec(entry) -> SuiteSpec:
         if key not in known:
             raise InputError(f"eval.suites '{entry['name']}': unknown key '{key}' (known: {', '.join(sorted(known))})")
     name = str(entry["name"])
-    if "/" in name:
-        raise InputError(f"eval.suites: suite name '{name}' may not contain '/'")
+    if not path_component(name):  # it names a folder of the stage's outputs (judge_checks/<suite>/)
+        raise InputError(f"eval.suites: suite name {name!r} must be one folder name: no '/' or '\\', not '.' or '..'")
     base = BUILTIN.get(name)
     if base is None and "source" not in entry:
         raise InputError(f"unknown suite '{name}' (built-in: {', '.join(BUILTIN)}; or give source: and kind:)")
@@ -117,9 +117,15 @@ def suite_spec(entry) -> SuiteSpec:
     if (spec.kind == "judge_check") != (spec.task is not None) or (spec.task and spec.task not in CHECK_TASKS):
         raise InputError(f"eval.suites '{name}': a judge_check suite (and only one) names a task: {', '.join(CHECK_TASKS)}")
     for key in ("limit", "sample"):
-        if getattr(spec, key) is not None and (not isinstance(getattr(spec, key), int) or getattr(spec, key) < 1):
+        value = getattr(spec, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise InputError(f"eval.suites '{name}': {key} must be a positive number of rows")
     return spec
+
+
+def path_component(name: str) -> bool:
+    """`name` is one folder name: not empty, no path separator, not '.' or '..'."""
+    return bool(name) and not any(c in name for c in "/\\\0") and name not in (".", "..")
 
 
 def _get(row: dict, column: str):
@@ -168,7 +174,7 @@ def jailbreak_templates(source: str) -> dict[str, str]:
     "$100" or JSON braces stay as written."""
     path = Path(source)
     if path.is_dir():
-        rows = [(str(p), p.stem, p.read_text(encoding="utf-8").strip()) for p in sorted(path.glob("*.txt"))]
+        rows = [(str(p), p.stem, read_text(p).strip()) for p in sorted(path.glob("*.txt"))]
     elif path.suffix in (".jsonl", ".csv"):
         rows = [(f"{path}:{n}", str(r.get("id") or "").strip(), str(r.get("template") or "").strip())
                 for n, r in numbered_rows(path, ("id", "template"))]

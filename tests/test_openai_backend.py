@@ -10,7 +10,7 @@ import pytest
 
 from openai_server import OpenAITestServer
 from safecot import backends
-from safecot.backends import Agent, BackendError, LLMConfig
+from safecot.backends import Agent, BackendError, LLMConfig, error_kind
 
 # How long an extra request gets to show up past the concurrency bound while the first ones are
 # held: only an (expected) absence is waited for, never a success.
@@ -192,3 +192,31 @@ def test_server_shuts_down_cleanly_with_a_hung_request():
             Agent("judge", cfg)([user("BEHAVE:hang")])
         assert server.in_flight == 1            # the handler is still blocked, until shutdown
     assert server.in_flight == 0                # close() released it and joined its thread
+
+
+# ---- what kind of failure: error_kind ------------------------------------------------------------
+
+@pytest.mark.parametrize("behaviour,kind", [("500-once", "status 500"), ("400", "status 400"),
+                                            ("bad-json", "malformed"), ("not-completion", "malformed")])
+def test_a_failed_request_says_its_kind_in_one_short_line(server, behaviour, kind):
+    gens = Agent("judge", cfg_for(server, max_retries=0))([user(f"BEHAVE:{behaviour} kind"), user("fine")])
+    assert error_kind(gens[0].error) == kind and gens[0].error.startswith(f"{kind}: ")
+    assert "\n" not in gens[0].error and len(gens[0].error) <= 260
+    assert gens[1].error is None
+
+
+def test_timeout_and_connection_kinds(server):
+    gens = Agent("judge", cfg_for(server, timeout_s=0.3, max_retries=0))([user("BEHAVE:hang"), user("fine")])
+    assert error_kind(gens[0].error) == "timeout" and "APITimeoutError" in gens[0].error
+    with OpenAITestServer() as gone:
+        url = gone.base_url
+    cfg = LLMConfig(backend="openai", model="test-model", base_url=url, timeout_s=2.0, max_retries=0)
+    gen = backends.get_backend(cfg).generate([user("anyone there?")], cfg)[0]
+    assert error_kind(gen.error) == "connection" and "APIConnectionError" in gen.error
+
+
+@pytest.mark.parametrize("message,kind", [
+    ("context: prompt of 9 tokens + 4 new > 8", "context"), ("status 503: APIStatusError: busy", "status 503"),
+    ("HTTP 500", "status 500"), ("ValueError: no JSON", "ValueError"), ("it broke", "error"), (None, "error")])
+def test_error_kind_reads_any_backends_message(message, kind):
+    assert error_kind(message) == kind

@@ -297,3 +297,58 @@ def test_openai_requests_of_one_yield_are_in_flight_together():
             server.open_gate()
             thread.join(timeout=30.0)
     assert "error" not in out and done == [("echo: BEHAVE:gate a", "echo: BEHAVE:gate b")]
+
+
+# ---- failures by kind, and the progress bar -----------------------------------------------------
+
+class Bar:
+    """What a stage's tqdm bar is told."""
+
+    def __init__(self):
+        self.n, self.postfix = 0, {}
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, **kw):
+        self.postfix = kw
+
+
+def one_request(agent):
+    def method(item):
+        gen = yield Request(agent, user(item), step="ask")
+        return None if gen.error else item
+    return method
+
+
+def test_openai_failures_are_counted_by_kind_with_their_first_message():
+    items = ["BEHAVE:500-once a", "BEHAVE:bad-json b", "fine c", "BEHAVE:not-completion d", "fine e"]
+    with OpenAITestServer() as server:
+        done = []
+        usage = scheduler.run(items, one_request(openai_agent(server, max_concurrency=4)), done.append, max_records=5)
+    assert sorted(d for d in done if d) == ["fine c", "fine e"]
+    assert {k: f["count"] for k, f in usage.failures.items()} == {"malformed": 2, "status 500": 1}
+    assert usage.failures["status 500"]["example"].startswith("status 500: InternalServerError: transient failure")
+    assert usage.failures["malformed"]["example"].startswith("malformed: ")
+    lines = scheduler.failure_lines(usage.failures)
+    assert [line.split(", e.g. ")[0] for line in lines] == ["2 x malformed", "1 x status 500"]
+    assert lines[1] == f"1 x status 500, e.g. {usage.failures['status 500']['example']}"
+
+
+def test_the_bar_counts_only_what_on_done_wrote_and_shows_the_failed(scripted):
+    from safecot.backends import Generation
+    scripted.script = staticmethod(lambda chat, model: Generation("", 0, error="timeout: slow")
+                                   if chat[-1]["content"] in ("r1", "r3") else "ok")
+    agent = Agent("agent", LLMConfig(backend="scripted", model="m"))
+    written, bar = [], Bar()
+
+    def save(item) -> bool:
+        if item is None:
+            return False
+        written.append(item)
+        return True
+
+    usage = scheduler.run([f"r{i}" for i in range(5)], one_request(agent), save, max_records=2, bar=bar)
+    assert written == ["r0", "r2", "r4"]
+    assert bar.n == 3 and bar.postfix == {"failed": 2}
+    assert usage.failures == {"timeout": {"count": 2, "example": "timeout: slow"}}
