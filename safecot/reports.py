@@ -1,19 +1,62 @@
 """Stage 5's tables, figures and report: the papers' comparison table (rows: suite and metric;
 columns: models such as base, SFT_OG, SFT_DB, DPO) with 95% bootstrap intervals, as Markdown,
-CSV and a seaborn figure. Read by 05_eval.py and notebooks/05_eval.ipynb alike.
+CSV and seaborn figures, and the one place the notebooks find the run they draw
+(`find_run_dir`). Read by 05_eval.py and the notebooks in notebooks/ alike.
 
 `results` below is the `models` part of a results.json: {model label: {suite: {metric: block}}},
-a block as made by safecot.metrics.compute_metrics.
+a block as made by safecot.metrics.compute_metrics. Figures use the table's units: rates and
+scores in percent, CoT grades on their 1-5 scale; every point or bar says its n, a model with
+n = 0 gets an `n/a` mark where its value would be, and an empty panel says why it is empty.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["suite", "metric", "model", "value", "low", "high", "n", "missing", "truncated", "higher_is_better", "judge"]
+from .metrics import COT_METRICS, METRICS
+from .records import STAGES
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
+COLUMNS = ["suite", "metric", "model", "value", "low", "high", "n", "missing", "truncated", "higher_is_better", "judge"]
+TASK_OF = {m.name: m.task for ms in [*METRICS.values(), COT_METRICS] for m in ms}  # metric -> the judge task it reads
+
+
+# ---- the run a notebook reads ------------------------------------------------------------------
+
+def stage_of(folder: Path) -> str | None:
+    """The stage a folder holds (its manifest's `stage`, else a stage name such as 02_refine), or None."""
+    try:
+        stage = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    return stage if stage in STAGES else folder.name if folder.name in STAGES else None
+
+
+def find_run_dir(value, stage: str | None = None, root: Path = ROOT) -> Path | None:
+    """The folder a notebook's RUN_DIR names: the run folder, or with `stage` that stage's folder
+    of the run. RUN_DIR is absolute, or relative to the working directory, the repository root
+    (`data/runs/tiny`, as `make demo` prints it) or notebooks/ (`../data/runs/tiny`); a stage
+    folder (`data/runs/tiny/02_refine`, or a 05_eval/compare folder) names its run. Prints the
+    folder it returns; when RUN_DIR names no folder, prints one line saying so and returns None."""
+    path = Path(str(value)).expanduser()
+    tried = [path] if path.is_absolute() else [Path.cwd() / path, root / path, root / "notebooks" / path]
+    found = next((p.resolve() for p in tried if p.is_dir()), None)
+    if found is None:
+        looked = ", ".join(dict.fromkeys(str(p.resolve()) for p in tried))
+        print(f"RUN_DIR={str(value)!r} is not a folder (looked for {looked}): nothing to draw. Set RUN_DIR to a run "
+              "folder such as data/runs/tiny (relative to the repository root or to notebooks/, or absolute) "
+              "after its stages ran, e.g. with `make demo`.")
+        return None
+    own = stage_of(found)
+    folder = found if own and own == stage else (found.parent if own else found) / (stage or "")
+    print(f"reading {folder}" + ("" if folder.is_dir() else f" (not written yet: this run has no {stage}/)"))
+    return folder
+
+
+# ---- tables --------------------------------------------------------------------------------------
 
 def long_frame(results: dict, category: bool = False) -> pd.DataFrame:
     """One row per (suite, metric, model[, category]) with value, interval, n, missing, truncated, judge."""
@@ -61,43 +104,166 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plot_intervals(frame: pd.DataFrame, path: Path | None = None, title: str = "Stage 5: metrics with 95% bootstrap intervals"):
-    """A panel per suite/metric: each model's value with its interval. Returns the figure."""
+def judge_kind(name) -> str:
+    """A recorded judge name's kind: `llm:<model>` is an LLM judge; a detector or parser is rule-based."""
+    return "none" if not name else "LLM" if str(name).startswith("llm:") else "rule-based"
+
+
+def judge_table(results: dict, judges: dict | None = None) -> pd.DataFrame:
+    """A row per judge task: the judge stage 5 ran for it (`judges`, results.json's {task: name},
+    with its kind), the suite / metrics it scores, and the judges named in those metrics' verdicts
+    (`none` when no answer was judged, e.g. every one truncated). Without `judges` (a comparison
+    of several runs' results) the judge column names the judges of the verdicts."""
+    scored: dict[str, dict] = {}
+    seen: dict[str, dict] = {}
+    for suites in results.values():
+        for suite, metrics in suites.items():
+            for metric, block in metrics.items():
+                task = TASK_OF.get(metric, "?")
+                scored.setdefault(task, {})[f"{suite} / {metric}"] = None
+                names = [j.strip() for j in (block.get("judge") or "").split(",") if j.strip()]
+                seen.setdefault(task, {}).update(dict.fromkeys(names))
+    rows = []
+    for task in dict.fromkeys([*(judges or {}), *scored]):
+        verdicts = ", ".join(seen.get(task) or {})
+        name = judges.get(task) if judges is not None else verdicts or None
+        rows.append({"task": task, "judge": name or ("none" if judges is not None else "not recorded"), "kind": judge_kind(name),
+                     "metrics": ", ".join(scored.get(task) or {}) or "-",
+                     "verdicts by": verdicts or ("none (no answer judged)" if task in scored else "-")})
+    return pd.DataFrame(rows, columns=["task", "judge", "kind", "metrics", "verdicts by"]).set_index("task")
+
+
+# ---- figures -------------------------------------------------------------------------------------
+
+def _pyplot(path):
     import matplotlib
     if path is not None:
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import seaborn as sns
-
     sns.set_theme(style="whitegrid", context="notebook")
-    frame = frame.dropna(subset=["value"]).copy()
+    return plt, sns
+
+
+def _scale(metric: str) -> tuple[float, str, tuple[float, float]]:
+    """(factor, axis label, axis limits) of a metric in the table's units: percent, or CoT grades 1-5."""
+    return (1.0, "grade (1-5)", (0.5, 5.5)) if metric.startswith("cot_") else (100.0, "percent", (-5.0, 105.0))
+
+
+def _not_available(row, one_line: bool = False) -> str:
+    """The mark of a model without a value (n = 0) and why: its truncated answers and missing verdicts."""
+    why = [] if row is None else [f"{int(row[k])} {w}" for k, w in (("truncated", "truncated"), ("missing", "no verdict")) if row[k]]
+    return f"n/a (n=0{''.join(', ' + w for w in why)})" if one_line else "\n".join(["n/a", "n=0", *why])
+
+
+def _empty_note(part: pd.DataFrame) -> str:
+    """Why a panel has no value at all."""
+    cut, missing = int(part["truncated"].sum()), int(part["missing"].sum())
+    why = ", ".join(w for w in (f"{cut} answers truncated" if cut else "", f"{missing} without a verdict" if missing else "") if w)
+    return f"empty: no judged answer\n({why})" if why else "empty: no answer to judge"
+
+
+def _note(ax, text: str, x: float = 0.5, y: float = 0.5):
+    """A note on a panel (why it is empty), in axes coordinates; tests find it by its gid."""
+    return ax.text(x, y, text, ha="center", va="center", transform=ax.transAxes, fontsize=8, color="dimgrey",
+                   gid="note", bbox={"boxstyle": "round", "fc": "white", "ec": "lightgrey"})
+
+
+def _finish(fig, plt, path, top: float = 1.0):
+    fig.tight_layout(rect=(0, 0, 1, top))
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def plot_intervals(frame: pd.DataFrame, path: Path | None = None, title: str = "Stage 5: metrics with 95% bootstrap intervals"):
+    """A panel per suite/metric: each model's value (percent; CoT grades 1-5) with its interval and
+    n; `n/a` where a model has none, and a note on a panel where no model has one. Returns the figure."""
+    plt, sns = _pyplot(path)
     panels = list(dict.fromkeys(zip(frame["suite"], frame["metric"])))
     models = list(dict.fromkeys(frame["model"]))
     colours = dict(zip(models, sns.color_palette("colorblind", len(models))))
     ncols = min(4, max(1, len(panels)))
     nrows = max(1, -(-len(panels) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.4 * nrows), squeeze=False)
     for ax, (suite, metric) in zip(axes.flat, panels):
         part = frame[(frame["suite"] == suite) & (frame["metric"] == metric)]
-        sns.pointplot(data=part, x="model", y="value", hue="model", order=models, hue_order=models,
-                      palette=colours, linestyle="none", errorbar=None, legend=False, ax=ax)
-        for r in part.itertuples():
-            ax.errorbar([models.index(r.model)], [r.value], yerr=[[r.value - r.low], [r.high - r.value]],
-                        fmt="none", ecolor=colours[r.model], capsize=4)
-        ax.set_title(f"{suite}\n{metric} {'↑' if part['higher_is_better'].iloc[0] else '↓'}", fontsize=10)
-        ax.set_xlabel(""); ax.set_ylabel("")
-        ax.set_ylim(*((0.5, 5.5) if metric.startswith("cot_") else (-0.05, 1.05)))
-        ax.tick_params(axis="x", rotation=30)
+        factor, label, limits = _scale(metric)
+        for x, model in enumerate(models):
+            rows = part[part["model"] == model]
+            r = rows.iloc[0] if len(rows) else None
+            if r is None or pd.isna(r["value"]):
+                ax.text(x, sum(limits) / 2, _not_available(r), ha="center", va="center", fontsize=7, color="dimgrey", gid="n/a")
+                continue
+            v = factor * r["value"]
+            if not pd.isna(r["low"]):
+                ax.errorbar([x], [v], yerr=[[v - factor * r["low"]], [factor * r["high"] - v]], fmt="none",
+                            ecolor=colours[model], capsize=4)
+            ax.plot([x], [v], "o", color=colours[model])
+            ax.annotate(f"n={int(r['n'])}", (x, v), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+        ax.set(xlim=(-0.6, len(models) - 0.4), ylim=limits, xlabel="model", ylabel=label)
+        arrow = "↑" if part["higher_is_better"].iloc[0] else "↓"
+        ax.set_title(f"{suite}\n{metric} {arrow}", fontsize=10)
+        if part["value"].isna().all():
+            _note(ax, _empty_note(part), y=0.85)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if not panels:
-        axes.flat[0].text(0.5, 0.5, "no metric has a value", ha="center", va="center")
+        _note(axes.flat[0], "empty: these results hold no metric")
+        axes.flat[0].set(xticks=[], yticks=[])
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, plt, path)
+
+
+def plot_by_category(frame: pd.DataFrame, path: Path | None = None, title: str = "Stage 5: metrics per category"):
+    """`frame` from long_frame(results, category=True): a panel per suite/metric, a bar per
+    category and model (percent; CoT grades 1-5) with its 95% interval and n; `n/a` where a model
+    has no value, and a note on a panel where none has one. Returns the figure."""
+    from matplotlib.patches import Patch
+    plt, sns = _pyplot(path)
+    panels = list(dict.fromkeys(zip(frame["suite"], frame["metric"])))
+    models = list(dict.fromkeys(frame["model"]))
+    colours = dict(zip(models, sns.color_palette("colorblind", len(models))))
+    bars = [frame[(frame["suite"] == s) & (frame["metric"] == m)]["category"].nunique() * len(models) for s, m in panels]
+    heights = [max(2.0, 0.8 + 0.18 * b) for b in bars] or [2.0]  # inches per panel: room for each bar's n
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, 0.6 + sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    height = 0.8 / max(len(models), 1)
+    for ax, (suite, metric) in zip(axes.flat, panels):
+        part = frame[(frame["suite"] == suite) & (frame["metric"] == metric)]
+        categories = list(dict.fromkeys(part["category"]))
+        factor, label, limits = _scale(metric)
+        for j, category in enumerate(categories):
+            for k, model in enumerate(models):
+                y = j - 0.4 + height * (k + 0.5)
+                rows = part[(part["category"] == category) & (part["model"] == model)]
+                r = rows.iloc[0] if len(rows) else None
+                if r is None or pd.isna(r["value"]):
+                    ax.text(0, y, f" {model}: {_not_available(r, one_line=True)}", va="center", fontsize=7, color="dimgrey", gid="n/a")
+                    continue
+                v, end = factor * r["value"], factor * r["value"]
+                ax.barh(y, v, height=height, color=colours[model])
+                if not pd.isna(r["low"]):
+                    ax.plot([factor * r["low"], factor * r["high"]], [y, y], color="black", lw=1)
+                    end = max(v, factor * r["high"])
+                ax.text(end, y, f" n={int(r['n'])}", va="center", fontsize=7)
+        ax.set_yticks(range(len(categories)), categories)
+        ax.set_xticks(range(1, 6) if metric.startswith("cot_") else range(0, 101, 20))
+        ax.set(ylim=(len(categories) - 0.5, -0.5), xlim=(0, limits[1] * 1.15), ylabel="category",
+               xlabel=f"{label} (bar: value, line: 95% interval)")
+        arrow = "↑" if part["higher_is_better"].iloc[0] else "↓"
+        ax.set_title(f"{suite} / {metric} {arrow}", fontsize=10)
+        if part["value"].isna().all():
+            _note(ax, _empty_note(part), x=0.7)
+    if not panels:
+        _note(axes.flat[0], "empty: these results hold no metric")
+        axes.flat[0].set(xticks=[], yticks=[])
+    elif models:
+        fig.legend(handles=[Patch(color=colours[m], label=m) for m in models], loc="upper right", ncol=len(models), fontsize=8)
+    fig.suptitle(title, fontsize=11, x=0.02, ha="left")
+    return _finish(fig, plt, path, top=1 - 0.5 / fig.get_figheight())
 
 
 def template_lines(results: dict) -> list[str]:
@@ -133,11 +299,22 @@ def judge_check_lines(checks: dict) -> list[str]:
     return lines + ["", "Confusion counts and agreement per category: `judge_checks.json`.", ""]
 
 
+def run_judges(results: dict, out: Path, details: dict) -> dict | None:
+    """{task: judge name} as stage 5 ran them: `details["judges"]`, else the `judges` of the
+    results.json that 05_eval.py writes into `out` just before the report (if it holds these
+    results); None for a comparison of several runs, whose judges only their verdicts name."""
+    if details.get("judges") is not None:
+        return details["judges"]
+    path = out / "results.json"
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return saved.get("judges") if saved.get("models") == results else None
+
+
 def write_comparison(results: dict, out: Path, models_info: dict | None = None, title: str = "Stage 5 evaluation",
                      details: dict | None = None) -> Path:
     """table.md, table.csv (long, with intervals), by_category.csv, intervals.png and report.md
-    in `out`; returns the report's path. `details` (results.json's suites, self_judged and the
-    judge checks) adds their warnings and sections to the report."""
+    in `out`; returns the report's path. `details` (results.json's suites, self_judged, judges and
+    the judge checks) adds their warnings and sections to the report."""
     details = details or {}
     out.mkdir(parents=True, exist_ok=True)
     frame = long_frame(results)
@@ -165,11 +342,11 @@ def write_comparison(results: dict, out: Path, models_info: dict | None = None, 
     if models_info:
         lines += ["## Models", "", "| label | model | adapter |", "|---|---|---|"]
         lines += [f"| {k} | {v.get('model')} | {v.get('adapter') or '-'} |" for k, v in models_info.items()] + [""]
-    judges = frame.drop_duplicates(["suite", "metric"])[["suite", "metric", "judge"]]
     lines += ["## Results", "", markdown(table), "", "![intervals](intervals.png)", "", "## Judges", "",
-              "| suite | metric | judge |", "|---|---|---|"]
-    lines += [f"| {r.suite} | {r.metric} | {r.judge} |" for r in judges.itertuples()]
-    lines += [""] + template_lines(results) + judge_check_lines(details.get("judge_checks") or {})
+              "The judge of each task as stage 5 ran it (kind: rule-based or LLM), the metrics it scores, and the "
+              "judges named in those metrics' verdicts (`samples.jsonl` names the judge of every verdict; none: no "
+              "answer was judged).", "", markdown(judge_table(results, run_judges(results, out, details))), ""]
+    lines += template_lines(results) + judge_check_lines(details.get("judge_checks") or {})
     suites = details.get("suites") or {}
     if suites:
         lines += ["## Suites", "", "| suite | kind | items | prompts | in training prompts |", "|---|---|---|---|---|"]
