@@ -14,3 +14,7 @@
 - metrics:   rates and means with bootstrap confidence intervals, overall and per category
 - reports:   the comparison table (Markdown, CSV) and its figure
 """
+
+# Installs models.py's filter for bitsandbytes' CPU-kernel notice before anything can import
+# bitsandbytes (stage 5 seeds through transformers, which imports peft, which imports bitsandbytes).
+from . import models as _models  # noqa: E402,F401

@@ -4,18 +4,46 @@ optional LoRA adapter on top.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .records import InputError
 
 
+class _OptionalKernelNotice(logging.Filter):
+    """bitsandbytes, on a CPU with AVX512-BF16, tries the optional `kernels` package for a fused
+    4-bit matmul when it is imported (by peft or transformers, before any model loads) and logs a
+    warning when that package is absent. It then uses its own C++ CPU kernel, which gives the same
+    results; `kernels` is no requirement here, so every stage would print this line for nothing.
+    Only that message is dropped; the logger's other warnings still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# Installed when this module is imported, which must come before the first import of bitsandbytes
+# (peft imports it; transformers.set_seed and the Trainer's callbacks import peft).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
+
+
 def resolve_model(name: str) -> str:
     """`tiny` means the project's offline model; anything else is a Hub id or a local folder."""
     if name == "tiny":
         from .tiny import ensure_tiny
+        one_thread_for_tiny()
         return str(ensure_tiny())
     return name
+
+
+def one_thread_for_tiny() -> None:
+    """The tiny model's matrices (64 wide) are too small to share among torch's CPU threads, and
+    when other programs keep the cores busy, those threads spin-wait for each other: stage 1 of
+    the tiny recipe took 86-135 s with torch's 2 threads and 17-26 s with one, on 2 shared cores
+    (4-8x the CPU time). So the tiny model runs on one thread, unless OMP_NUM_THREADS says otherwise."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+        torch.set_num_threads(1)
 
 
 def torch_dtype(name: str = "auto"):

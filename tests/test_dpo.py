@@ -87,16 +87,42 @@ def test_dpo_widens_the_margin_and_resumes(sft_run):
     assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "adapter" / "ref").exists()
 
 
-def test_grpo_runs_and_logs_rewards(sft_run):
+def test_grpo_runs_and_logs_rewards(sft_run, capsys):
     module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.method=grpo", "dpo.max_steps=2",
                               "dpo.num_generations=4", "dpo.max_completion_length=8", "run_name=tiny")
     cfg.runs_dir = str(sft_run)
+    # The random model's 8-token answers are nearly all cut off, which the reward leaves out (None)
+    # whatever the label: so the labels that reach the reward function are checked directly, and
+    # what it gives the same answers had they ended (a real number for every labelled prompt).
+    asked, rule = [], module.refusal_reward
+
+    def recording(turns):
+        reward = rule(turns)
+
+        def refusal_reward(prompts, completions, completion_ids, label, request, **kw):
+            ended = [[*ids, *sorted(turns.stop_ids)[:1]] for ids in completion_ids]
+            asked.append((list(request), list(label), reward(prompts, completions, ended, label)))
+            return reward(prompts, completions, completion_ids, label, request=request, **kw)
+        return refusal_reward
+
+    module.refusal_reward = recording
     out = module.main(cfg, overwrite=True)
     rows = [m for m in metrics(out) if "reward" in m]
     assert len(rows) == 2
     for key in ("rewards/refusal_reward/mean", "rewards/format_reward/mean", "reward_std"):
         assert all(key in m for m in rows), key
     assert json.loads((out / "manifest.json").read_text())["counts"]["judge"] == "rules"
+    labels = {r["prompt"]: r["label"] for r in map(json.loads, (sft_run / "tiny" / "02_refine" / "records.jsonl").read_text().splitlines())}
+    assert len(asked) == 2 and all(len(a[0]) == 4 for a in asked)           # one call per step, 4 completions
+    for requests, got, rewards in asked:
+        assert got == [labels[r] for r in requests]                          # each prompt's own label
+        assert all(isinstance(x, float) and x in (1.0, -1.0) for x in rewards), rewards
+    # one readable line per logging step, printed once; no raw dict of logs
+    printed = capsys.readouterr().out
+    steps = [line for line in printed.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["1/2", "2/2"], printed
+    assert all("reward " in line and "refusal_reward " in line and "format_reward " in line for line in steps), steps
+    assert "{'" not in printed and "trained: step 2/2 in " in printed
 
 
 @pytest.mark.slow
@@ -319,9 +345,12 @@ def test_both_scripts_run_from_the_command_line(tmp_path):
         r = subprocess.run([sys.executable, script, "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}", extra],
                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.strip().splitlines()[-1].startswith("done: ")
+        assert r.stdout.strip().splitlines()[-1].startswith(f"next: python {'04_dpo' if script == '03_sft.py' else '05_eval'}.py")
         assert (f"warning: {script[:-3]} will take 2 optimiser steps (8 {what} x 1 epoch(s) / (4 per batch x "
                 "1 accumulation x 1 process(es))), fewer than 100") in r.stdout
+        # the console: one line per logging step, once, no raw dict of logs, no bitsandbytes kernel notice
+        assert [x.split()[1] for x in r.stdout.splitlines() if x.startswith("step ")] == ["1/2", "2/2"], r.stdout
+        assert "{'" not in r.stdout + r.stderr and "gemm_4bit_forward" not in r.stderr
     for stage in ("03_sft", "04_dpo"):
         manifest = json.loads((tmp_path / "tiny" / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["counts"]["planned_steps"] == manifest["counts"]["steps"] == 2

@@ -149,7 +149,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, scripted):
     out = tmp_path / "tiny" / "01_generate"
     first = records(out)
     assert len(first) == 4
-    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
     # a torn line (killed mid-write) is work in flight: cut off and redone
     with (out / "records.jsonl").open("a") as f:
         f.write('{"id": "seed-00')
@@ -288,6 +288,40 @@ def test_cut_off_intents_and_initial_cot_are_not_used(tmp_path, scripted):
 
 
 # ---- the real tiny model ---------------------------------------------------------------------
+
+def test_only_the_bitsandbytes_cpu_kernel_notice_is_silenced(caplog):
+    """bitsandbytes' notice that the optional `kernels` package is missing is noise on a CPU (its
+    own kernel is used); safecot.models drops that one message and nothing else."""
+    import logging
+    import safecot.models  # noqa: F401  (installs the filter)
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+                    "`pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        log.warning("Failed to load the CPU library")
+        logging.getLogger("other").warning("Failed to load CPU gemm_4bit_forward elsewhere")
+    assert [r.getMessage() for r in caplog.records] == ["Failed to load the CPU library",
+                                                        "Failed to load CPU gemm_4bit_forward elsewhere"]
+
+
+def test_the_tiny_model_runs_on_one_thread_unless_told_otherwise(monkeypatch):
+    """Its matrices are too small to share among threads, which spin-wait on a busy machine."""
+    import torch
+    from safecot.models import resolve_model
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        resolve_model("tiny")
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        resolve_model("some/hub-model")
+        assert torch.get_num_threads() == 2
+        resolve_model("tiny")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
 
 @pytest.mark.parametrize("four_bit", [False, True])
 @pytest.mark.slow

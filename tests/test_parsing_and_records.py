@@ -126,7 +126,25 @@ def test_record_writer_recovers_from_torn_line(tmp_path):
     with RecordWriter(path) as w:
         assert set(w.done) == {"a"}
         w.write({"id": "b", "x": 3})
-    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"id": "a", "x": 1}, {"id": "b", "x": 3}]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "record_hash"} for r in rows] == [{"id": "a", "x": 1}, {"id": "b", "x": 3}]
+    assert all(r["record_hash"] for r in rows)
+
+
+def test_record_writer_never_writes_a_resumed_id_again(tmp_path):
+    """A rerun resumes: the ids already on disk are done, and writing one again (a record redone
+    after a crash, a retried chunk) leaves the file and the kept record as they were."""
+    path = tmp_path / "r.jsonl"
+    with RecordWriter(path) as w:
+        w.write({"id": "a", "x": 1})
+    with RecordWriter(path) as w:
+        assert set(w.done) == {"a"} and w.done["a"]["x"] == 1
+        w.write({"id": "a", "x": 2})
+        w.write({"id": "b", "x": 3})
+        assert w.done["a"]["x"] == 1
+    with RecordWriter(path) as w:
+        w.write({"id": "b", "x": 4})
+    assert [(r["id"], r["x"]) for r in map(json.loads, path.read_text().splitlines())] == [("a", 1), ("b", 3)]
 
 
 def test_values_map_a_boolean_column_joined_columns_and_original_responses(tmp_path):

@@ -202,7 +202,8 @@ def test_malformed_refiner_and_grader_outputs(tmp_path, scripted, stage1):
     rec = rows["records"][0]
     assert "refine" in rec["parse_failures"] and rec["refiner_raw"] == "I would keep most of them."
     assert len(rec["refined_thoughts"]) == 4  # exact-duplicate pass only, then everything kept
-    assert all(v is None for k, v in rec["grades"].items() if k not in ("raw", "error", "judge"))
+    from safecot.grading import CRITERIA
+    assert {k: v for k, v in rec["grades"].items() if k not in ("raw", "error", "judge")} == dict.fromkeys(CRITERIA)
     assert rec["kept_for_training"]  # missing grades are missing, not low
     counts = manifest["counts"]
     assert counts["parse_failures"]["refine"] == 6 and counts["grade_missing"] == 6 * 6 * 1
@@ -457,7 +458,8 @@ def test_resume_and_bad_inputs(tmp_path, scripted):
     n_before = len(scripted.calls_log)
     _, rows, manifest = refine_run(tmp_path, "refine.chunk_size=2", "refine.pair_min_gap=null")
     assert len(rows["records"]) == len({r["id"] for r in rows["records"]}) == 4 and manifest["sessions"] == 2
-    assert all(n <= 2 for _, n in scripted.calls_log[n_before:])  # only the missing chunk was redone
+    redone = scripted.calls_log[n_before:]
+    assert redone and all(n <= 2 for _, n in redone)  # only the missing chunk was redone
 
 
 def test_independent_steps_go_out_together_and_a_failed_request_leaves_only_its_record(tmp_path, scripted, stage1):

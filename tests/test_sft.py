@@ -172,6 +172,21 @@ def test_bad_inputs_raise_clear_errors(tmp_path, case, match):
         module.main(cfg)
 
 
+def test_training_log_lines_are_read_by_people():
+    """metrics_logger's console line: numbers formatted, GRPO's rewards named, a reward no
+    completion got shown as n/a rather than hidden; the Trainer's summary as one line."""
+    from safecot.training import console_line
+    assert console_line(10, 40, {"loss": 7.4123, "learning_rate": 0.0001941, "grad_norm": 0.5, "tokens_per_s": 12.34}) == \
+        "step 10/40  loss 7.412  lr 1.9e-4  12.3 tok/s"
+    assert console_line(3, 8, {"loss": 0.69, "learning_rate": 0.0, "rewards/margins": 0.0123, "rewards/accuracies": 0.5,
+                               "tokens_per_s": 1234.5}) == "step 3/8  loss 0.69  lr 0  margin 0.0123  acc 0.50  1234 tok/s"
+    grpo = {"loss": 0.0, "learning_rate": 0.005, "rewards/refusal_reward/mean": None, "rewards/refusal_reward/std": None,
+            "rewards/format_reward/mean": 0.25, "reward": 0.125, "completions/clipped_ratio": 0.75}
+    assert console_line(2, 2, grpo) == "step 2/2  loss 0  lr 5.0e-3  reward 0.125  refusal_reward n/a  format_reward 0.25  cut off 75%"
+    assert console_line(8, 8, {"train_loss": 0.6, "train_runtime": 12.345, "train_tokens_per_second": 9.0}) == \
+        "trained: step 8/8 in 12.3 s"
+
+
 def test_command_line_error_is_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "03_sft.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path}"],
