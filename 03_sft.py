@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from safecot.backends import LLMConfig
-from safecot.records import InputError, numbered_rows, require_complete, write_jsonl
-from safecot.stage import run_cli
+from safecot.records import InputError, numbered_rows, require_complete, stage_dir, write_jsonl
+from safecot.stage import done_before, run_cli
 from safecot import training
 
 DATASETS = {"sft": "sft.jsonl", "sft_og": "sft_og.jsonl"}
@@ -130,16 +130,20 @@ def build_trainer(cfg: Config, out: Path, tokenizer, dataset):
 def main(cfg: Config, overwrite: bool = False) -> Path:
     from datasets import Dataset
     path, rows = load_examples(cfg)
+    config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
+    if done_before(cfg, "03_sft", {cfg.dataset: (path, len(rows))}, config, training.RESUME_IGNORES):
+        return stage_dir(cfg, "03_sft")  # trained before to the same steps on the same data
     tokenizer, fmt, tokenised, counts = tokenize(cfg, rows)
     counts["planned_steps"] = training.plan_steps("03_sft", len(tokenised), "examples", cfg.batch_size, cfg.grad_accum,
                                                   cfg.epochs, cfg.max_steps)
-    config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
     with training.open_stage(cfg, "03_sft", overwrite, config) as st:
         out, manifest = st.out, st.manifest
+        st.input(cfg.dataset, path, len(rows))
+        if st.unchanged():  # trained before to the same steps on the same data: nothing to redo or rewrite
+            return out
         preview, counts["preview_off_content"] = loss_preview(tokenizer, rows, tokenised)
         if manifest:
             manifest.data["counts"]["planned_steps"] = counts["planned_steps"]  # visible while it trains
-            manifest.input(cfg.dataset, path, len(rows))
             manifest.data["chat_format"] = {**fmt.describe(), "training_template": "recipe" if cfg.chat_template else
                                             "own" if fmt.template is None else "trl training variant"}
             write_jsonl(out / "loss_preview.jsonl", preview)
@@ -156,7 +160,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                                       "load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype}
             manifest.data["resumed_from"] = resume
             manifest.output("metrics", out / "metrics.jsonl")
-        st.finish(**counts, steps=trainer.state.global_step, train_loss=result.training_loss,
+        st.finish(**counts, steps=trainer.state.global_step, train_loss=training.run_loss(result, resume, out / "metrics.jsonl"),
                   peak_mem_gib=round(training.peak_memory_gib(), 3), tokens_seen=trainer.state.num_input_tokens_seen)
     return out
 

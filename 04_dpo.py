@@ -52,7 +52,7 @@ from safecot.backends import LLMConfig
 from safecot.chat import reasons_then_answers
 from safecot.judges import detect_refusal, parse_reward_verdict, split_reasoning
 from safecot.records import InputError, numbered_rows, require_complete, stage_dir
-from safecot.stage import run_cli, trained_model
+from safecot.stage import done_before, run_cli, trained_model
 from safecot.templates import load_policies, load_template
 from safecot import training
 
@@ -331,18 +331,29 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         raise InputError(f"dpo.method must be dpo or grpo, got '{cfg.method}'")
     if cfg.method == "grpo" and cfg.judge and not cfg.policies:
         raise InputError("dpo.judge needs dpo.policies: the judge decides harm under those codes (e.g. data/policies/cases.yaml)")
+    if cfg.method == "grpo" and cfg.judge:  # the reward judge's settings, template and codes, before any model loads
+        LLMConfig().merged(cfg.judge)
+        load_template("reward_judge", cfg.templates)
+        load_policies(cfg.policies)
     start = starting_point(cfg)
     path, rows = load_pairs(cfg) if cfg.method == "dpo" else load_prompts(cfg)
-    n_in = len(rows)
+    # What this run trains from; a retrained SFT adapter is another starting point.
+    inputs = {"pairs" if cfg.method == "dpo" else "prompts": (path, len(rows)),
+              **({"start_adapter": (start["adapter"], None)} if start.get("adapter") else {})}
+    config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
+    if done_before(cfg, "04_dpo", inputs, config, training.RESUME_IGNORES):
+        return stage_dir(cfg, "04_dpo")  # trained before to the same steps from the same start
     tokenizer, rows, stats = prepare(cfg, start, rows)
     stats["planned_steps"] = training.plan_steps("04_dpo", len(rows), "pairs" if cfg.method == "dpo" else "prompts",
                                                  cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps,
                                                  group=cfg.num_generations if cfg.method == "grpo" else 1)
-    config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
     with training.open_stage(cfg, "04_dpo", overwrite, config) as st:
         out, manifest = st.out, st.manifest
+        for name, (where, n) in inputs.items():
+            st.input(name, where, n)
+        if st.unchanged():  # trained before to the same steps from the same start: nothing to redo or rewrite
+            return out
         if manifest:
-            manifest.input("pairs" if cfg.method == "dpo" else "prompts", path, n_in)
             manifest.data["base_model"] = start["base"]  # what stage 5's from_run: <run>/04_dpo loads the adapter on
             manifest.data["counts"]["planned_steps"] = stats["planned_steps"]  # visible while it trains
             manifest.save()
@@ -356,7 +367,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                                       "load_in_4bit": start.get("load_in_4bit", True), "dtype": start.get("dtype", "auto")}
             manifest.data["resumed_from"] = resume
             manifest.output("metrics", out / "metrics.jsonl")
-        st.finish(**stats, method=cfg.method, steps=trainer.state.global_step, train_loss=result.training_loss,
+        st.finish(**stats, method=cfg.method, steps=trainer.state.global_step,
+                  train_loss=training.run_loss(result, resume, out / "metrics.jsonl"),
                   peak_mem_gib=round(training.peak_memory_gib(), 3))
     return out
 

@@ -42,6 +42,7 @@ import gc
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,11 +53,10 @@ from safecot.backends import Agent, LLMConfig, release_backends
 from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, DetectorJudge, check_judges, judge_file_name, make_judge,
                             split_reasoning, unfinished)
 from safecot.metrics import compute_metrics, judge_agreement, verdict_label
-from safecot.records import (InputError, Manifest, RecordWriter, prepare_stage, read_jsonl,
-                             stage_dir, write_jsonl)
+from safecot.records import InputError, Manifest, RecordWriter, read_jsonl, stage_dir, write_jsonl
 from safecot.reports import load_results, write_comparison
 from safecot.scheduler import Request
-from safecot.stage import open_stage, run_cli, trained_model
+from safecot.stage import lock_stage, open_stage, run_cli, set_seed, trained_model
 from safecot.suites import load_suite, source_text, suite_spec
 from safecot.templates import load_policies
 
@@ -85,6 +85,11 @@ class Config:
     compare: list = field(default_factory=list)  # other runs' 05_eval folders: only write the comparison
 
 
+# What 05_eval/ holds besides one folder per model label: no label may take these names.
+OWN_NAMES = ("compare", "judge_checks", "judge_checks.json", "samples.jsonl", "results.json", "table.md", "table.csv",
+             "by_category.csv", "intervals.png", "report.md", "manifest.json")
+
+
 def resolve_models(cfg: Config) -> dict[str, LLMConfig]:
     """{label: LLMConfig} of the models under test, adapters checked before anything loads."""
     out = {}
@@ -93,14 +98,15 @@ def resolve_models(cfg: Config) -> dict[str, LLMConfig]:
         if not isinstance(entry, dict) or set(entry) - {"label", "llm", "adapter", "from_run"}:
             raise InputError(f"eval.models: expected {{label, llm, adapter | from_run}}, got {entry!r}")
         label = str(entry.get("label") or "")
-        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", label) or label in out or label == "compare":
-            raise InputError(f"eval.models: label {label!r} must be unique, non-empty, letters/digits/._+- only")
+        if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", label) or label in out or label in OWN_NAMES:
+            raise InputError(f"eval.models: label {label!r} must be unique and one folder name (letters, digits, _+-, "
+                             "and . after the first) other than the stage's own (compare, judge_checks, its files)")
         llm = cfg.llm.merged(cfg.generation).merged(entry.get("llm"))
         adapter = entry.get("adapter")
         if entry.get("from_run"):
             if adapter:
                 raise InputError(f"eval.models '{label}': give adapter or from_run, not both")
-            run, _, stage = str(entry["from_run"]).partition("/")
+            run, _, stage = str(entry["from_run"]).rpartition("/")  # a run may be nested: group/run/03_sft
             if stage not in ("03_sft", "04_dpo"):
                 raise InputError(f"eval.models '{label}': from_run must be <run>/03_sft or <run>/04_dpo, got {entry['from_run']!r}")
             base, adapter = trained_model(Path(cfg.runs_dir) / run / stage, what=f"{stage} of run '{run}'")
@@ -134,7 +140,8 @@ def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
-def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: Config, counts: dict) -> dict:
+def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: Config, counts: dict,
+             usage: scheduler.Usage | None = None) -> dict:
     """Generations cached under `key`, which hashes the chat sent: only what is not on disk is
     generated, `chunk_size` items in flight (safecot/scheduler.py: batched ticks on hf/vllm,
     one request per item as soon as a slot frees on openai), each saved as it comes back; an
@@ -150,25 +157,27 @@ def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: C
         gen = yield Request(agent, it["chat"], step="generate")
         return it, gen
 
-    def save(done) -> None:
+    def save(done) -> bool:
         it, gen = done
         if gen.error:  # left for the next run
             counts["generation_errors"] += 1
-            return
+            return False
         reasoning, answer = split_reasoning(gen.text)
         writer.write({"id": it["key"], "model": label, "suite": it["suite"], "item": it["id"], "chat": it["chat"],
                       "text": gen.text, "reasoning": reasoning, "answer": answer, "tokens": gen.tokens,
                       "truncated": gen.truncated or unfinished(gen.text)})
         counts["generated"] += 1
+        return True
 
     bar = tqdm(total=len(todo), desc=f"05_eval {label}: generate", unit="item")
     with writer:
-        scheduler.run(todo, answer, save, scheduler.pool_size(cfg.chunk_size, [agent]), bar)
+        scheduler.run(todo, answer, save, scheduler.pool_size(cfg.chunk_size, [agent]), bar, usage)
     bar.close()
     return writer.done
 
 
-def judge_all(judge, items: list[dict], folder: Path, cfg: Config, counts: dict) -> dict:
+def judge_all(judge, items: list[dict], folder: Path, cfg: Config, counts: dict,
+              usage: scheduler.Usage | None = None) -> dict:
     """Verdicts cached per (task, judge, judge settings) file and, inside it, under a hash of what
     the judge reads (request, reasoning, answer): a new or edited judge judges everything, an
     unchanged one only what changed. `chunk_size` items in flight on the scheduler, each verdict
@@ -180,17 +189,18 @@ def judge_all(judge, items: list[dict], folder: Path, cfg: Config, counts: dict)
     def judged(it):  # one item's verdict (safecot/judges.py), with the item
         return it, (yield from judge.verdict(it))
 
-    def save(done) -> None:
+    def save(done) -> bool:
         it, verdict = done
         if verdict.get("error"):  # left for the next run
             counts["judge_errors"] += 1
-            return
+            return False
         writer.write({"id": keys[it["key"]], "task": judge.task, **verdict})
         counts["judged"] += 1
+        return True
 
     bar = tqdm(total=len(todo), desc=f"  judge {judge.task}", unit="item", leave=False, disable=not todo)
     with writer:
-        scheduler.run(todo, judged, save, scheduler.pool_size(cfg.chunk_size, judge.agents), bar)
+        scheduler.run(todo, judged, save, scheduler.pool_size(cfg.chunk_size, judge.agents), bar, usage)
     bar.close()
     return {k: writer.done[v] for k, v in keys.items() if v in writer.done}
 
@@ -213,7 +223,8 @@ def self_judged(cfg: Config, models: dict[str, LLMConfig]) -> dict[str, list[str
     return out
 
 
-def check_judges_on_labels(checks: list[dict], judges: dict, out: Path, cfg: Config, counts: dict) -> dict:
+def check_judges_on_labels(checks: list[dict], judges: dict, out: Path, cfg: Config, counts: dict,
+                           usage: scheduler.Usage | None = None) -> dict:
     """Every judge of a judge check's task, and the offline detector beside it, against the gold
     labels: {suite: {judge: agreement, precision, recall, confusion, ...}}."""
     results = {}
@@ -223,7 +234,7 @@ def check_judges_on_labels(checks: list[dict], judges: dict, out: Path, cfg: Con
         candidates = [j for j in (judges.get(task), DetectorJudge(task)) if j]
         results[suite] = {"task": task, "n": len(rows), "judges": {}}
         for judge in dict((j.name, j) for j in candidates).values():
-            verdicts = judge_all(judge, rows, out / "judge_checks" / suite, cfg, counts)
+            verdicts = judge_all(judge, rows, out / "judge_checks" / suite, cfg, counts, usage)
             preds = [verdict_label(task, verdicts.get(it["key"])) for it in rows]
             results[suite]["judges"][judge.name] = judge_agreement(
                 task, [it["label"] for it in rows], preds, [it["category"] for it in rows],
@@ -233,7 +244,7 @@ def check_judges_on_labels(checks: list[dict], judges: dict, out: Path, cfg: Con
 
 def training_prompts(cfg: Config) -> set[str]:
     """The prompts this run (and every run an evaluated adapter comes from) generated data for."""
-    runs = {cfg.run_name} | {str(e["from_run"]).partition("/")[0] for e in cfg.models if isinstance(e, dict) and e.get("from_run")}
+    runs = {cfg.run_name} | {str(e["from_run"]).rpartition("/")[0] for e in cfg.models if isinstance(e, dict) and e.get("from_run")}
     seen = set()
     for run in sorted(runs):
         for stage in ("01_generate", "02_refine"):
@@ -258,17 +269,29 @@ def suite_info(cfg: Config, items: list[dict], trained: set[str]) -> dict:
                    "train_overlap": len(d["prompts"] & trained)} for name, d in info.items()}
 
 
-def compare_runs(cfg: Config, out: Path) -> Path:
-    """Merge the models of several runs' results.json into one table (labels clash: run:label)."""
-    results, info = {}, {}
+def compare_runs(cfg: Config, out: Path, overwrite: bool = False) -> Path:
+    """Merge the models of several runs' results.json into one table (labels clash: run:label), in
+    05_eval/compare/, with the stage folder locked like any other run of the stage (`--overwrite`
+    clears compare/ only: the folder's own evaluation and caches are not this mode's to delete)."""
+    with lock_stage(out):
+        if overwrite and (out / "compare").exists():
+            shutil.rmtree(out / "compare")
+        return write_compare(cfg, out)
+
+
+def write_compare(cfg: Config, out: Path) -> Path:
+    results, info, judges = {}, {}, []
     for folder in cfg.compare:
         data = load_results(folder)
+        judges.append(data.get("judges"))
         for label, metrics in data["models"].items():
             key = label if label not in results else f"{data['run_name']}:{label}"
             results[key], info[key] = metrics, data["model_info"][label]
     (out / "compare").mkdir(exist_ok=True)
     manifest = Manifest(out / "compare", "05_eval", asdict(cfg), resume_ignores=tuple(asdict(cfg)))
-    report = write_comparison(results, out / "compare", info, title=f"Comparison of {', '.join(map(str, cfg.compare))}")
+    same = all(j == judges[0] for j in judges)  # otherwise the report names the judges found in the verdicts
+    report = write_comparison(results, out / "compare", info, title=f"Comparison of {', '.join(map(str, cfg.compare))}",
+                              details={"judges": judges[0]} if judges and same and judges[0] else None)
     manifest.finish(models=len(results))
     print(f"report: {report}")
     return out / "compare"
@@ -276,9 +299,9 @@ def compare_runs(cfg: Config, out: Path) -> Path:
 
 def main(cfg: Config, overwrite: bool = False) -> Path:
     if cfg.compare:
-        return compare_runs(cfg, prepare_stage(stage_dir(cfg, "05_eval"), overwrite))
+        return compare_runs(cfg, stage_dir(cfg, "05_eval"), overwrite)
     models = resolve_models(cfg) if cfg.models else {}
-    check_judges(cfg.judges)
+    check_judges(cfg.judges, cfg.judge_templates)  # an LLM judge's template too: a broken one stops before any model loads
     self_judging = self_judged(cfg, models)
     specs = [suite_spec(entry) for entry in cfg.suites]
     if len({s.name for s in specs}) != len(specs):
@@ -300,7 +323,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     # The stage folder is locked while this process writes it (safecot/stage.py).
     with open_stage(cfg, "05_eval", overwrite, resume_ignores=(
             "llm", "models", "suites", "limit", "sample", "generation", "judges", "judge", "allow_self_judge", "chunk_size",
-            "bootstrap_samples", "confidence")) as st:
+            "bootstrap_samples", "confidence"), seed=False) as st:
         out, manifest = st.out, st.manifest
         manifest.input("policies", cfg.policies, len(policy_set.policies))
         manifest.input("judge_templates", cfg.judge_templates)
@@ -309,12 +332,19 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                            split=spec.split if spec.source.startswith("hf:") else None)
             if spec.kind == "jailbreak":
                 manifest.input(f"suite:{spec.name}:templates", spec.templates or "data/eval/jailbreak_templates")
+        for label, llm in models.items():  # a retrained adapter is another model under the same label
+            if llm.adapter:
+                manifest.input(f"adapter:{label}", llm.adapter)
+        if st.unchanged():  # evaluated before with this config and these inputs: nothing to redo or rewrite
+            return out
+        set_seed(cfg.seed)  # only now: a rerun with nothing to do need not import torch
         counts = {"generated": 0, "generation_errors": 0, "judged": 0, "judge_errors": 0}
+        usage = scheduler.Usage()  # what the backends did, failed requests by kind
 
         generations = {}
         for label, llm in models.items():
             check_model_folder(out / label, label, llm, cfg.system_prompt)
-            generations[label] = generate(label, llm, items, out / label, cfg, counts)
+            generations[label] = generate(label, llm, items, out / label, cfg, counts, usage)
             release_backends()  # one model in memory at a time
             gc.collect()
 
@@ -332,14 +362,14 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                           and (task in TASKS_BY_KIND[it["kind"]] or (task == "cot" and it["kind"] != "utility"))]
                 if judge and wanted:
                     wanted = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in wanted]
-                    verdicts[task] = judge_all(judge, wanted, out / label, cfg, counts)
+                    verdicts[task] = judge_all(judge, wanted, out / label, cfg, counts, usage)
             rows = [{**{k: v for k, v in it.items() if k not in ("key", "chat")}, "model": label,
                      "judgements": {t: {k: x for k, x in v[it["key"]].items() if k not in ("id", "task")}
                                     for t, v in verdicts.items() if it["key"] in v}} for it in done]
             samples += rows
             truncated[label] = sum(bool(r.get("truncated")) for r in rows)
             results[label] = compute_metrics(rows, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
-        judge_checks = check_judges_on_labels(checks, judges, out, cfg, counts) if checks else {}
+        judge_checks = check_judges_on_labels(checks, judges, out, cfg, counts, usage) if checks else {}
         if checks:
             (out / "judge_checks.json").write_text(json.dumps(judge_checks, indent=2), encoding="utf-8")
             manifest.output("judge_checks", out / "judge_checks.json")
@@ -353,14 +383,16 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
              "truncated": truncated, "suites": suites, "config": asdict(cfg)},
             indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         report = write_comparison(results, out, info, title=f"Stage 5 evaluation: run {cfg.run_name}",
-                                  details={"suites": suites, "self_judged": self_judging, "judge_checks": judge_checks})
+                                  details={"suites": suites, "self_judged": self_judging, "judge_checks": judge_checks,
+                                           "judges": judge_names})
         for name in ("samples", "results", "table", "report"):
             path = out / {"samples": "samples.jsonl", "results": "results.json", "table": "table.csv", "report": "report.md"}[name]
             manifest.output(name, path)
         missing = sum(1 for label in models for it in items if it["key"] not in generations[label])
         st.finish(missing=missing, what="generations", models=len(models), items=len(items), judge_check_items=len(checks),
                   missing_generations=missing, truncated_answers=truncated, judges=judge_names, self_judged=self_judging,
-                  train_overlap={k: v["train_overlap"] for k, v in suites.items()}, this_session=counts)
+                  train_overlap={k: v["train_overlap"] for k, v in suites.items()}, this_session=counts,
+                  failures=usage.failures)
         for name, d in suites.items():
             if d["train_overlap"] and d["kind"] != "judge_check":  # a judge check grades judges, not the model
                 print(f"warning: suite '{name}': {d['train_overlap']} of its {d['prompts']} prompts are among this run's "

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .dataclass_io import ConfigError, from_dict  # noqa: F401 (re-exported: recipes raise ConfigError)
+from .records import InputError, read_text
 
 COMMON_KEYS = ("run_name", "seed", "runs_dir", "llm", "policies")
 SECTIONS = ("generate", "refine", "sft", "dpo", "eval")
@@ -34,7 +35,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: recipe not found")
     try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        recipe = yaml.safe_load(read_text(path)) or {}
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from e
     if not isinstance(recipe, dict):
@@ -72,12 +75,6 @@ def section_config(recipe: dict, section: str, cls: type) -> Any:
         raise ConfigError(f"{recipe.get('_source', 'recipe')}: section '{section}' must be a mapping")
     values.update(body)
     return from_dict(cls, values, where=section, source=recipe.get("_source", "recipe"))
-
-
-def run_cli(section: str, cls: type, main, doc: str | None = None) -> None:
-    """Kept for stage scripts not yet switched to safecot.stage.run_cli (the command line lives there)."""
-    from .stage import run_cli as stage_run_cli
-    stage_run_cli(section, cls, main, doc)
 
 
 STAGE_OF = {"generate": "01_generate", "refine": "02_refine", "sft": "03_sft", "dpo": "04_dpo", "eval": "05_eval"}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
+import shutil
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -114,6 +116,9 @@ def trainer_defaults(gradient_checkpointing: bool) -> dict:
         "activation_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
         "report_to": "none", "save_total_limit": 2, "include_num_input_tokens_seen": "non_padding",
         "dataloader_num_workers": 0, "ddp_find_unused_parameters": False if gpu else None,
+        # No tqdm bar: it wrote each log as a raw dict between two redraws of the bar. metrics_logger
+        # prints one line per logging step instead (train_resuming drops the Trainer's PrinterCallback).
+        "disable_tqdm": True,
     }
 
 
@@ -166,17 +171,72 @@ def peak_memory_gib() -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+           "pytorch_model.bin")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None. The Trainer writes the weights, the
+    optimiser and scheduler, then trainer_state.json last: a kill while saving leaves a folder that
+    lacks some of them, or a torn trainer_state.json."""
+    path = Path(path)
+    if not any((path / w).is_file() for w in WEIGHTS):
+        return "no model weights"
+    missing = [f for f in ("optimizer.pt", "scheduler.pt", "trainer_state.json") if not (path / f).is_file()]
+    if missing:
+        return f"no {', '.join(missing)}"
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return "a torn trainer_state.json"
+    return None
+
+
 def last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-    return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
+    """The latest complete `checkpoint-N` in `folder`. A later one cut off while it was being saved
+    is removed (it can never be resumed from, and the Trainer would take it for the last one), with
+    one line, and the one before it is used."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        if is_main_process():
+            print(f"warning: {path} is incomplete ({problem}; killed while it was being saved?): removed, "
+                  "resuming from the checkpoint before it")
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def train_resuming(trainer, checkpoints: Path):
     """Train, carrying on from the last checkpoint if an earlier run was interrupted."""
+    from transformers import PrinterCallback
+    trainer.remove_callback(PrinterCallback)  # metrics_logger prints each logging step, once, for people
     resume = last_checkpoint(checkpoints)
     if resume:
         print(f"resuming from {resume}")
     return trainer.train(resume_from_checkpoint=resume), resume
+
+
+def run_loss(result, resume: str | None, metrics: Path) -> float:
+    """The mean training loss of the whole run. A resumed session's own figure covers only the steps
+    it trained (and the Trainer divides it by every step), so then the logged losses are averaged
+    over the steps each logging window covers."""
+    if not resume:
+        return result.training_loss
+    total = steps = last = 0
+    for line in Path(metrics).read_text(encoding="utf-8").splitlines() if Path(metrics).is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row.get("loss"), (int, float)) and row.get("step", 0) > last:
+            total, steps, last = total + row["loss"] * (row["step"] - last), steps + row["step"] - last, row["step"]
+    return total / steps if steps else result.training_loss
 
 
 def is_main_process() -> bool:
@@ -206,9 +266,43 @@ def save_adapter(model, tokenizer, out: Path) -> Path:
 
 # ---- metrics ---------------------------------------------------------------------------------
 
+# The console line of a logging step: (log key, label, format), in this order, then each GRPO reward
+# function's mean and the share of completions cut off; every other log goes to metrics.jsonl only.
+CONSOLE = (("loss", "loss", ".4g"), ("learning_rate", "lr", "lr"), ("rewards/margins", "margin", ".3g"),
+           ("rewards/accuracies", "acc", ".2f"), ("reward", "reward", ".3g"))
+
+
+def _number(value, fmt: str) -> str:
+    if fmt == "lr":  # 0.0001941 -> 1.9e-4
+        return "0" if value == 0 else f"{value:.1e}".replace("e-0", "e-").replace("e+0", "e+")
+    return format(value, fmt)
+
+
+def console_line(step: int, max_steps: int, row: dict) -> str:
+    """One logging step for people: `step 10/40  loss 7.41  lr 1.9e-4  12.3 tok/s`; the Trainer's
+    summary at the end of training is `trained: step 40/40 in 12.3 s`."""
+    if "train_loss" in row:
+        return f"trained: step {step}/{max_steps} in {row.get('train_runtime', 0):.1f} s"
+    rewards = [k for k in row if k.startswith("rewards/") and k.endswith("/mean")]
+    shown = [*CONSOLE, *((k, k.split("/")[1], ".3g") for k in rewards), ("completions/clipped_ratio", "cut off", ".0%")]
+    parts = [f"step {step}/{max_steps}"]
+    for key, label, fmt in shown:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+            parts.append(f"{label} {_number(value, fmt)}")
+        elif key in rewards:  # None: no completion of the step got this reward (e.g. all were cut off)
+            parts.append(f"{label} n/a")
+    speed = row.get("tokens_per_s")
+    if isinstance(speed, (int, float)):
+        parts.append(f"{speed:.1f} tok/s" if speed < 100 else f"{speed:.0f} tok/s")
+    return "  ".join(parts)
+
+
 def metrics_logger(path: Path):
     """A TrainerCallback appending one JSON line per logging step: the trainer's logs (loss, lr,
-    DPO rewards/margins, GRPO rewards...) plus tokens/s since the previous line and peak memory.
+    DPO rewards/margins, GRPO rewards...) plus tokens/s since the previous line and peak memory,
+    and printing that step as one readable line (console_line; the Trainer's own printer is
+    dropped by the stages, trainer_defaults turns its progress bar off).
     It also asks for a checkpoint at the last step, so a rerun resumes rather than restarts."""
     from transformers import TrainerCallback
 
@@ -229,6 +323,7 @@ def metrics_logger(path: Path):
             self.t, self.tokens = now, seen
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, default=float) + "\n")
+            print(console_line(state.global_step, state.max_steps, row), flush=True)
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.max_steps and state.global_step >= state.max_steps:

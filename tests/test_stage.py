@@ -64,7 +64,8 @@ def test_a_second_process_on_the_same_stage_exits_naming_the_holder(tmp_path, ca
         proc.kill()  # as kill -9 would: the OS drops the lock with the process
         proc.wait()
     stage.run_cli("generate", Config, main, argv=["--config", str(recipe)])
-    assert ran == [out] and "done:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert ran == [out] and "01_generate: complete" in printed and "next: python 02_refine.py --config" in printed
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
