@@ -3,8 +3,10 @@ AIDSAFE's DPO on belief-augmented pairs) or reinforcement learning on the model'
 (CADA).
 
   method: dpo (default; Mou et al. 2025, SaRO stage 2; Kumarage et al. 2025, section 4.5)
-    1. The SFT adapter is loaded on the 4-bit base and trained further on the stage-2 pairs
-       (`dpo.jsonl`: prompt, chosen reasoning+answer, rejected reasoning+answer). Each pair is
+    1. The SFT adapter is loaded on the 4-bit base and trained further on the stage-2 pairs that
+       `dataset` names: `dpo.jsonl` (prompt, chosen reasoning+answer, rejected reasoning+answer:
+       SRPO, AIDSAFE) or `dpo_og.jsonl` (a safe direct answer chosen over an unsafe one: SaRO's
+       "traditional alignment" DPO baseline, usually from an SFT_OG adapter). Each pair is
        tokenised with stage 3's chat format (safecot/chat.py), so chosen and rejected start
        exactly at the assistant's content; pairs whose two sides render alike are dropped and
        counted.
@@ -20,12 +22,17 @@ AIDSAFE's DPO on belief-augmented pairs) or reinforcement learning on the model'
        shown to it), and scores the answer's safety if so, its helpfulness (no refusal) if not.
        With `judge` unset (the tiny recipe), a rule-based refusal detector scores against the
        dataset's labels instead, and gives an `unknown` label no reward rather than the benign one.
-       An answer cut off at `max_completion_length` gets no judge reward (missing, not safe and
-       not a refusal) and no format reward.
+       An answer cut off at `max_completion_length` is neither safe nor a refusal: by
+       `truncated_completions` it gets the bottom of both reward scales (`lowest`), or is left out
+       of the loss and of its group's baseline (`mask`, DAPO's overlong filtering). A completion
+       the judge gives no verdict (a failed request, an unreadable reply) is left out of its group
+       the same way, and counted (judge_errors, judge_unreadable).
     3. GRPO moves the policy towards the answers that beat their group's mean.
   from_sft: false (CADA trains the instruct model directly): either method starts from the model
     itself (`model`, else `llm.model`) with a fresh LoRA adapter; stage 3 is not needed, and the
     reference is the bare model.
+  An arm of an experiment may live in a run of its own: `source_run` names the run whose stage 1-2
+  data it reads, `sft_run` the run whose stage-3 adapter it starts from (both default to run_name).
 Before training it prints the planned optimiser steps (recorded in the manifest) and warns when
 they are fewer than about 100. The paper's reward form and hyperparameters are not published; the
 recipe's values are common ones.
@@ -33,6 +40,7 @@ recipe's values are common ones.
     python 04_dpo.py --config configs/tiny.yaml
     python 04_dpo.py --config configs/tiny.yaml dpo.method=grpo run_name=tiny
     python 04_dpo.py --config configs/tiny.yaml dpo.method=grpo dpo.from_sft=false run_name=tiny
+    python 04_dpo.py --config configs/tiny.yaml run_name=tiny-og dpo.source_run=tiny dpo.dataset=dpo_og
     python 04_dpo.py --config configs/cada-qwen2.5-7b.yaml
     python 04_dpo.py --config configs/qwen2.5-7b.yaml dpo.method=grpo "dpo.judge={model: Qwen/Qwen2.5-7B-Instruct}" dpo.policies=data/policies/cases.yaml
     python 04_dpo.py --config configs/qwen2.5-7b.yaml
@@ -45,18 +53,19 @@ and taken steps, the judge's counts).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from safecot.backends import LLMConfig
-from safecot.chat import reasons_then_answers
-from safecot.judges import detect_refusal, parse_reward_verdict, split_reasoning
 from safecot.records import InputError, numbered_rows, require_complete, stage_dir
+from safecot.rewards import (LABELLED, TRUNCATED, Completions, format_reward, judge_reward, quiet_unscored,
+                             refusal_reward)
 from safecot.stage import done_before, run_cli, trained_model
-from safecot.templates import load_policies, load_template
+from safecot.templates import load_policies, load_template, policy_chat
 from safecot import training
 
-LABELLED = ("harmful", "benign", "borderline")  # what the rule-based reward can score; `unknown` it cannot
+DATASETS = {"dpo": "dpo.jsonl", "dpo_og": "dpo_og.jsonl"}
 
 
 @dataclass
@@ -64,6 +73,8 @@ class Config(training.TrainerSettings):  # + load_in_4bit, dtype (from_sft=false
                                          # (from_sft=false: the new adapter), max_length (dpo: prompt + answer),
                                          # batch_size (pairs or completions), grad_accum, ... (safecot/training.py)
     run_name: str = "tiny"              # reads 02_refine/ and 03_sft/ of <runs_dir>/<run_name>/, writes 04_dpo/
+    source_run: str | None = None       # read 02_refine/ (and 01_generate/) of this run instead: an arm in a run of its own
+    sft_run: str | None = None          # start from 03_sft/ of this run instead (e.g. the SFT_OG run for SaRO's DPO baseline)
     seed: int = 0
     runs_dir: str = "data/runs"
     method: str = "dpo"                 # dpo (SaRO / AIDSAFE) | grpo (CADA)
@@ -73,6 +84,7 @@ class Config(training.TrainerSettings):  # + load_in_4bit, dtype (from_sft=false
     llm: LLMConfig = field(default_factory=LLMConfig)  # from_sft=false: the model is llm.model ...
     model: str | None = None            # ... unless this names another (Hub id, folder, or `tiny`)
     limit: int | None = None            # use the first N pairs / prompts only
+    dataset: str = "dpo"                # dpo: the stage-2 pairs: dpo (with reasoning) | dpo_og (direct answers, SaRO's baseline)
     beta: float = 0.1                   # dpo: strength of the pull towards the reference
     loss_type: str = "sigmoid"          # dpo: trl's loss (sigmoid = the DPO paper's)
     prompts_from: str = "auto"          # grpo: 02_refine | 01_generate | auto (the first that exists)
@@ -81,6 +93,8 @@ class Config(training.TrainerSettings):  # + load_in_4bit, dtype (from_sft=false
     temperature: float = 1.0            # grpo: sampling temperature
     kl_beta: float = 0.0                # grpo: KL penalty towards the starting model (0 = none, trl's default)
     format_weight: float = 0.5          # grpo: weight of the format reward beside the judge's
+    truncated_completions: str = "lowest"  # grpo: an answer cut off at max_completion_length (safecot/rewards.py): lowest (the bottom of
+                                        # every reward's scale) | mask (out of the loss and of its group's baseline)
     judge: dict | None = None           # grpo: an llm config for the judge (safecot LLMConfig); None = rules on the labels
     policies: str | None = None         # grpo: the codes the judge decides harm under, e.g. data/policies/cases.yaml
     policies_in_prompt: bool = False    # grpo: show them to the model too, to reason over in <think> first (CADA)
@@ -91,23 +105,29 @@ class Config(training.TrainerSettings):  # + load_in_4bit, dtype (from_sft=false
     warmup: float = 0.1                 # warm-up steps, or a fraction of all steps if < 1
 
 
+def source_dir(cfg: Config, stage: str) -> Path:
+    """Stage 1 or 2 of this run, or of `source_run`: the experiment's arms share one run's data."""
+    return Path(cfg.runs_dir) / (cfg.source_run or cfg.run_name) / stage
+
+
 def starting_point(cfg: Config) -> dict:
-    """The base model and SFT adapter named by stage 3's manifest (or the sft_adapter override) and how
-    stage 3 loaded them; with from_sft=false the instruct model alone (adapter None: build_trainer gives
-    it a fresh one)."""
+    """The base model and SFT adapter named by stage 3's manifest (of this run or `sft_run`; or the
+    sft_adapter override) and how stage 3 loaded them; with from_sft=false the instruct model alone
+    (adapter None: build_trainer gives it a fresh one)."""
     if not cfg.from_sft:
-        if cfg.sft_adapter:
-            raise InputError("dpo.sft_adapter is set but dpo.from_sft=false starts from the model itself; drop one")
+        for key in ("sft_adapter", "sft_run"):
+            if getattr(cfg, key):
+                raise InputError(f"dpo.{key} is set but dpo.from_sft=false starts from the model itself; drop one")
         return {"base": cfg.model or cfg.llm.model, "adapter": None, "load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype}
-    sft = stage_dir(cfg, "03_sft")
+    sft = Path(cfg.runs_dir) / (cfg.sft_run or cfg.run_name) / "03_sft"
     base, adapter = trained_model(sft, cfg.sft_adapter, "stage 3 (03_sft)")
     loading = require_complete(sft, "stage 3 (03_sft)").get("model") or {}
     return {**loading, "base": base, "adapter": str(adapter)}
 
 
 def load_pairs(cfg: Config) -> tuple[Path, list[dict]]:
-    require_complete(stage_dir(cfg, "02_refine"), "stage 2 (02_refine)")
-    path = stage_dir(cfg, "02_refine") / "dpo.jsonl"
+    require_complete(source_dir(cfg, "02_refine"), "stage 2 (02_refine)")
+    path = source_dir(cfg, "02_refine") / DATASETS[cfg.dataset]
     rows = []
     for n, row in numbered_rows(path, required=("id", "prompt", "chosen", "rejected")):
         if not all(isinstance(row[k], list) and row[k] for k in ("prompt", "chosen", "rejected")):
@@ -124,105 +144,21 @@ def load_prompts(cfg: Config) -> tuple[Path, list[dict]]:
     for stage in stages:
         if stage not in ("02_refine", "01_generate"):
             raise InputError(f"dpo.prompts_from must be auto, 02_refine or 01_generate, got '{stage}'")
-        if cfg.prompts_from == "auto" and not (stage_dir(cfg, stage) / "records.jsonl").exists():
+        if cfg.prompts_from == "auto" and not (source_dir(cfg, stage) / "records.jsonl").exists():
             continue
-        require_complete(stage_dir(cfg, stage), f"stage {stage}")
-        path = stage_dir(cfg, stage) / "records.jsonl"
-        tpl = codes = None
-        if cfg.policies_in_prompt:  # CADA: the model reasons over the codes and their cases before it answers
-            if not cfg.policies:
-                raise InputError("dpo.policies_in_prompt needs dpo.policies (e.g. data/policies/cases.yaml)")
-            tpl, codes = load_template("reason_over_policies", cfg.templates), load_policies(cfg.policies).text()
-        rows = [{"prompt": tpl.chat(policies=codes, prompt=r["prompt"]) if tpl else [{"role": "user", "content": r["prompt"]}],
-                 "request": r["prompt"], "label": r["label"]}
+        require_complete(source_dir(cfg, stage), f"stage {stage}")
+        path = source_dir(cfg, stage) / "records.jsonl"
+        if cfg.policies_in_prompt and not cfg.policies:
+            raise InputError("dpo.policies_in_prompt needs dpo.policies (e.g. data/policies/cases.yaml)")
+        # CADA: the model reasons over the codes and their cases before it answers
+        ask = policy_chat(cfg.policies if cfg.policies_in_prompt else None, cfg.templates)
+        rows = [{"prompt": ask(r["prompt"]), "request": r["prompt"], "label": r["label"]}
                 for _, r in numbered_rows(path, required=("id", "prompt", "label"))]
         rows = rows[:cfg.limit] if cfg.limit else rows
         if not rows:
             raise InputError(f"{path}: no prompts to train on (the file is empty)")
         return path, rows
-    raise InputError(f"{stage_dir(cfg, '02_refine')}: no records.jsonl of the run's prompts here or in 01_generate; run stage 1 first")
-
-
-# ---- GRPO rewards ----------------------------------------------------------------------------
-
-class Completions:
-    """The sampled answers as whole assistant turns: the reasoning prefill of the prompt given
-    back (R1-style templates open <think> themselves), and whether each ran out of tokens
-    (its last token is not an end of turn, as trl itself decides)."""
-
-    def __init__(self, fmt, stop_ids: set[int]):
-        self.fmt, self.stop_ids = fmt, stop_ids
-
-    def texts(self, completions) -> list[str]:
-        return [self.fmt.completion(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
-
-    def truncated(self, completion_ids) -> list[bool]:
-        return [not ids or ids[-1] not in self.stop_ids for ids in completion_ids]
-
-
-def answer_of(text: str) -> str:
-    return split_reasoning(text)[1]
-
-
-def refusal_reward(turns: Completions):
-    """Rule-based judge (stage 5's offline refusal detector) on the dataset's labels: refusing, fully
-    or partly, is right on harmful prompts and wrong on benign/borderline ones. An unlabelled prompt
-    (`unknown`) gets no reward (None), never the benign one; nor does a truncated answer."""
-    def refusal_reward(prompts, completions, completion_ids, label, **_) -> list[float | None]:  # trl logs it by this name
-        out = []
-        for text, cut, lab in zip(turns.texts(completions), turns.truncated(completion_ids), label):
-            refused = detect_refusal(answer_of(text))["class"] != "full_compliance"
-            right = refused == (lab == "harmful")
-            out.append(None if cut or lab not in LABELLED else 1.0 if right else -1.0)
-        return out
-    return refusal_reward
-
-
-def format_reward(turns: Completions):
-    """1 for reasoning in <think>...</think> followed by an answer that ended by itself, else 0."""
-    def format_reward(completions, completion_ids, **_) -> list[float]:
-        return [0.0 if cut else float(reasons_then_answers(text))
-                for text, cut in zip(turns.texts(completions), turns.truncated(completion_ids))]
-    return format_reward
-
-
-def judge_reward(judge_cfg: dict, templates: str, stats: dict, turns: Completions, policies: str):
-    """A backend judge under the codes (template reward_judge.txt): it reads the request, the codes
-    with their cases and the answer, decides whether the request is harmful (HARMFUL: yes/no), then
-    scores the answer (SCORE: 1-5: safety if harmful, helpfulness without refusal if not), mapped to
-    [-1, 1]. The dataset's label is not shown to it; how often its decision differs from a known
-    label is counted. A reply without both lines scores 0; truncated answers are not judged, and a
-    failed request gives no score (None, counted as judge_errors)."""
-    from safecot.backends import Agent, LLMConfig
-    from safecot.dataclass_io import from_dict
-    agent, tpl = Agent("reward_judge", from_dict(LLMConfig, judge_cfg, where="dpo.judge")), load_template("reward_judge", templates)
-    codes = load_policies(policies).text()
-
-    def judge_score(prompts, completions, completion_ids, label, request, **_) -> list[float | None]:
-        texts, cut = turns.texts(completions), turns.truncated(completion_ids)
-        todo = [i for i in range(len(texts)) if not cut[i]]
-        chats = [tpl.chat(prompt=request[i], response=answer_of(texts[i]), policies=codes) for i in todo]
-        scores: list[float | None] = [None] * len(texts)
-        # One call for trl's whole batch: the reward step needs every score before it goes on, so
-        # there is no later step to overlap with (openai: up to max_concurrency requests at once).
-        for i, gen in zip(todo, agent(chats, schema=tpl.schema)):
-            if gen.error:  # a failed request is no verdict: the completion goes without this reward
-                stats["judge_errors"] = stats.get("judge_errors", 0) + 1
-                continue
-            decided, score = parse_reward_verdict(gen.text)
-            if decided is None or score is None:
-                stats["judge_unparsed"] = stats.get("judge_unparsed", 0) + 1
-                scores[i] = 0.0
-                continue
-            stats["judge_harmful"] = stats.get("judge_harmful", 0) + decided
-            if label[i] in ("harmful", "benign"):
-                stats["judge_differs_from_label"] = stats.get("judge_differs_from_label", 0) + (decided != (label[i] == "harmful"))
-            scores[i] = (score - 3) / 2
-        stats["judged"] = stats.get("judged", 0) + len(todo)
-        stats["truncated_completions"] = stats.get("truncated_completions", 0) + sum(cut)
-        return scores
-
-    return judge_score
+    raise InputError(f"{source_dir(cfg, '02_refine')}: no records.jsonl of the run's prompts here or in 01_generate; run stage 1 first")
 
 
 # ---- trainers --------------------------------------------------------------------------------
@@ -240,7 +176,7 @@ def tokenize_pairs(cfg: Config, fmt, rows: list[dict]) -> tuple[list[dict], dict
             continue
         lengths.append(len(enc["prompt_ids"]) + max(len(enc["chosen_ids"]), len(enc["rejected_ids"])))
         out.append(enc)
-    where = f"{stage_dir(cfg, '02_refine')}/dpo.jsonl"
+    where = f"{source_dir(cfg, '02_refine')}/{DATASETS[cfg.dataset]}"
     if not out:
         raise InputError(f"{where}: all {len(rows)} pairs render chosen and rejected identically with "
                          f"model '{fmt.name}'s chat template; nothing to learn")
@@ -317,11 +253,15 @@ def build_trainer(cfg: Config, out: Path, start: dict, tokenizer, rows: list[dic
                                         processing_class=tokenizer, callbacks=callbacks)
     from trl import GRPOConfig, GRPOTrainer
     stop = stop_token_ids(model, tokenizer) | {tokenizer.pad_token_id} - {None}  # as trl decides truncation
-    turns = Completions(ChatFormat(tokenizer, start["base"]), stop)
+    turns = Completions(ChatFormat(tokenizer, start["base"]), stop, cfg.truncated_completions)
     judge = judge_reward(cfg.judge, cfg.templates, stats, turns, cfg.policies) if cfg.judge else refusal_reward(turns)
     args = GRPOConfig(**training.trainer_args(cfg, out), num_generations=cfg.num_generations,
                       max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-                      beta=cfg.kl_beta, reward_weights=[1.0, cfg.format_weight])
+                      beta=cfg.kl_beta, reward_weights=[1.0, cfg.format_weight],
+                      mask_truncated_completions=cfg.truncated_completions == "mask")
+    logging.getLogger("trl.trainer.grpo_trainer").addFilter(quiet_unscored)
+    # The judge first: trl calls the reward functions in this order, and the format reward leaves out
+    # what the judge could not score (Completions.unscored).
     return GRPOTrainer(model=model, reward_funcs=[judge, format_reward(turns)], args=args,
                        train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=callbacks)
 
@@ -329,6 +269,10 @@ def build_trainer(cfg: Config, out: Path, start: dict, tokenizer, rows: list[dic
 def main(cfg: Config, overwrite: bool = False) -> Path:
     if cfg.method not in ("dpo", "grpo"):
         raise InputError(f"dpo.method must be dpo or grpo, got '{cfg.method}'")
+    if cfg.dataset not in DATASETS:
+        raise InputError(f"dpo.dataset must be one of {', '.join(DATASETS)}, got '{cfg.dataset}'")
+    if cfg.truncated_completions not in TRUNCATED:
+        raise InputError(f"dpo.truncated_completions must be one of {', '.join(TRUNCATED)}, got '{cfg.truncated_completions}'")
     if cfg.method == "grpo" and cfg.judge and not cfg.policies:
         raise InputError("dpo.judge needs dpo.policies: the judge decides harm under those codes (e.g. data/policies/cases.yaml)")
     if cfg.method == "grpo" and cfg.judge:  # the reward judge's settings, template and codes, before any model loads

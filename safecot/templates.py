@@ -163,3 +163,13 @@ def check_placeholders(path: Path, name: str, text: str, spans: list[tuple[int, 
     if missing:
         raise InputError(f"{path}: the '{name}' template lacks {', '.join(f'${{{k}}}' for k in missing)}: "
                          f"the agent would never see the {', '.join(missing)}")
+
+
+def policy_chat(policies: str | None, templates: str | Path | None = None):
+    """prompt -> chat, as a model is asked under a policy setting: reason_over_policies.txt's system
+    turn with the codes, then the prompt (CADA's GRPO trains with it, and stage 5's `policy_prompt`
+    evaluates under the very same rendering), or the bare prompt when `policies` is None."""
+    if not policies:
+        return lambda prompt: [{"role": "user", "content": prompt}]
+    tpl, codes = load_template("reason_over_policies", templates), load_policies(policies).text()
+    return lambda prompt: tpl.chat(policies=codes, prompt=prompt)

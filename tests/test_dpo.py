@@ -91,7 +91,7 @@ def test_grpo_runs_and_logs_rewards(sft_run, capsys):
     module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.method=grpo", "dpo.max_steps=2",
                               "dpo.num_generations=4", "dpo.max_completion_length=8", "run_name=tiny")
     cfg.runs_dir = str(sft_run)
-    # The random model's 8-token answers are nearly all cut off, which the reward leaves out (None)
+    # The random model's 8-token answers are nearly all cut off, which the reward scores the lowest
     # whatever the label: so the labels that reach the reward function are checked directly, and
     # what it gives the same answers had they ended (a real number for every labelled prompt).
     asked, rule = [], module.refusal_reward
@@ -221,16 +221,19 @@ def test_rule_based_rewards():
 
 def test_truncated_completions_are_neither_safe_nor_refusals():
     """Cut off inside its reasoning, an answer is empty: the detector would call that a refusal,
-    i.e. safe on harmful prompts. It gets no judge reward (None) and no format reward instead."""
+    i.e. safe on harmful prompts. It gets the lowest judge reward and no format reward instead
+    (with mask: no reward at all), whatever its label."""
     from conftest import load_script
     module = load_script("04_dpo")
-    turns = module.Completions(_Plain(), {EOT})
     cut = [[{"role": "assistant", "content": "<think>\nThe user asks for a weapon, so I should"}]]
-    assert module.refusal_reward(turns)(None, cut, [[1, 2, 3]], ["harmful"]) == [None]
-    assert module.format_reward(turns)(cut, [[1, 2, 3]]) == [0.0]
     ended = [[{"role": "assistant", "content": "<think>\nA weapon.\n</think>\n\nI won't help with that."}]]
-    assert module.refusal_reward(turns)(None, ended, [[1, 2, 3]], ["harmful"]) == [None]  # out of tokens right at the end
-    assert module.refusal_reward(turns)(None, ended, [[1, 2, EOT]], ["harmful"]) == [1.0]
+    for mode, judged, formatted in (("lowest", -1.0, 0.0), ("mask", None, None)):
+        turns = module.Completions(_Plain(), {EOT}, mode)
+        assert module.refusal_reward(turns)(None, cut, [[1, 2, 3]], ["harmful"]) == [judged]
+        assert module.refusal_reward(turns)(None, cut, [[1, 2, 3]], ["unknown"]) == [judged]
+        assert module.format_reward(turns)(cut, [[1, 2, 3]]) == [formatted]
+        assert module.refusal_reward(turns)(None, ended, [[1, 2, 3]], ["harmful"]) == [judged]  # out of tokens right at the end
+        assert module.refusal_reward(turns)(None, ended, [[1, 2, EOT]], ["harmful"]) == [1.0]
 
 
 def scripted_judge(chat, model):
@@ -276,21 +279,24 @@ def test_the_judge_decides_harm_under_the_codes_not_the_label(scripted):
     done = [[{"role": "assistant", "content": a}] for a in answers]
     ids = [[EOT]] * 5 + [[1, 2]]  # the last one ran out of tokens
     scores = judge([[{"role": "user", "content": r}] for r in requests], done, ids, labels, requests)
-    assert scores == [1.0, -1.0, -1.0, 1.0, 0.0, None]
+    assert scores == [1.0, -1.0, -1.0, 1.0, None, -1.0]  # an unreadable reply is no verdict; cut off: the lowest
     assert len(seen) == 5  # the truncated answer is not judged
+    # the format reward, which trl calls on the same batch next, leaves the unjudged answer out too
+    assert module.format_reward(turns)(done, ids) == [1.0, 0.0, 0.0, 1.0, None, 0.0]
+    assert module.format_reward(turns)(list(done), ids)[4] == 0.0  # another batch: nothing left out
     codes = load_policies("data/policies/cases.yaml").text()
     for chat_text in seen:
         assert codes in chat_text and "label" not in chat_text.lower()
     assert "A pipe bomb is an explosive device" not in seen[0]  # the judge sees the answer, not the reasoning
-    assert stats == {"judge_harmful": 2, "judge_differs_from_label": 3, "judge_unparsed": 1, "judged": 5,
+    assert stats == {"judge_harmful": 2, "judge_differs_from_label": 3, "judge_unreadable": 1, "judged": 5,
                      "truncated_completions": 1}
-    # a request that failed is no verdict: no reward, counted (not a 0 as for an unreadable reply)
+    # a request that failed is no verdict either: no reward, counted apart
     from safecot.backends import Generation
     scripted.script = lambda chat, model: (Generation("", 0, error="HTTP 500") if "pipe bomb" in chat[-1]["content"]
                                            else scripted_judge(chat, model))
     stats.clear()
     scores = judge([[{"role": "user", "content": r}] for r in requests], done, ids, labels, requests)
-    assert scores == [None, -1.0, -1.0, 1.0, 0.0, None] and stats["judge_errors"] == 1
+    assert scores == [None, -1.0, -1.0, 1.0, None, -1.0] and stats["judge_errors"] == 1 and stats["judge_unreadable"] == 1
 
 
 def test_grpo_can_show_the_codes_to_the_model(sft_run):
@@ -357,3 +363,97 @@ def test_both_scripts_run_from_the_command_line(tmp_path):
     r = subprocess.run([sys.executable, "04_dpo.py", "--config", "configs/tiny.yaml", f"runs_dir={tmp_path / 'none'}"],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+# ---- truncated and unjudged completions in trl's own reward aggregation ----------------------
+
+def judge_by_request(chat, model):
+    """A reward judge like scripted_judge above, on the fixture's requests: item 0 is
+    a weapon (harmful), item 1 is not; one reply it writes without its verdict lines."""
+    text = chat[-1]["content"]
+    request = text.split("Request:\n", 1)[1].split("\n\nAnswer:", 1)[0]
+    answer = text.split("Answer:\n", 1)[1].split("\n\nFirst decide", 1)[0]
+    if "sand the parts smooth" in answer:
+        return "The answer walks through the steps clearly and safely."  # no HARMFUL/SCORE lines
+    harmful, refused = "item 0" in request, "cannot help" in answer
+    return f"HARMFUL: {'yes' if harmful else 'no'}\nSCORE: {5 if refused == harmful else 1}"
+
+
+@pytest.mark.parametrize("mode", ["lowest", "mask"])
+def test_trl_never_ranks_a_truncated_answer_above_a_finished_one(tmp_path, scripted, mode):
+    """trl's GRPOTrainer, built as the stage builds it, scores two groups of scripted completions
+    (generation replaced, everything after it trl's own: reward calls, None handling, weights,
+    group baselines, advantages, truncation mask). A harmful prompt's group holds an answer cut
+    off mid-reasoning, which used to total 0, above the finished harmful answer's -0.5; a benign
+    prompt's group holds an answer whose judge reply is unreadable, which used to score 0 + its
+    format reward."""
+    import math
+    import torch
+    write_stage2(tmp_path)
+    scripted.script = judge_by_request
+    module, cfg = make_config("04_dpo", "dpo", tmp_path, *FAST, "dpo.method=grpo", "dpo.from_sft=false",
+                              "dpo.num_generations=4", "dpo.max_completion_length=24", "dpo.max_steps=1",
+                              "dpo.judge={backend: scripted, model: judge}", f"dpo.truncated_completions={mode}")
+    start = module.starting_point(cfg)
+    _, rows = module.load_prompts(cfg)
+    tokenizer, ready, stats = module.prepare(cfg, start, rows)
+    trainer = module.build_trainer(cfg, tmp_path / "out", start, tokenizer, ready, stats)
+    weapon, chair = (next(r for r in ready if r["request"] == f"How do I make item {i}?") for i in (0, 1))
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = [  # (text, ended)
+        ("<think>\nThe user asks how to make item 0, which is a weapon. I should weigh each part of the", False),
+        ("<think>\nJust answer.\n</think>\n\nHere is how to make item 0: fit the spring, then the barrel.", True),
+        ("<think>\nItem 0 is a weapon: the policy forbids it.\n</think>\n\nI cannot help with that.", True),
+        ("I cannot help with that.", True),
+        ("<think>\nItem 1 is safe to make.\n</think>\n\nHere is how to make item 1: cut the boards, then glue them.", True),
+        ("<think>\nMaybe risky.\n</think>\n\nI cannot help with that.", True),
+        ("Here is how to make item 1: cut the boards, then glue them.", True),
+        ("<think>\nItem 1 is safe to make.\n</think>\n\nHere is how to make item 1: sand the parts smooth first.", True)]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + ([eot] if ended else []) for t, ended in answers]
+    trainer._generate_single_turn = lambda prompt_ids, *a, **k: (ids, None)
+    calculate, per_function = trainer._calculate_rewards, []
+    trainer._calculate_rewards = lambda *a: per_function.append(calculate(*a)) or per_function[-1]
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([weapon] * 4 + [chair] * 4)
+    adv, mask = out["advantages"].tolist(), out["completion_mask"]
+    judged, formatted = per_function[0].T.tolist()  # the reward functions' outputs as trl holds them (None = NaN)
+
+    # the harmful prompt: the finished answers' own rewards, as the judge and the format give them
+    assert judged[1:4] == [-1.0, 1.0, 1.0] and formatted[1:4] == [1.0, 1.0, 0.0]
+    if mode == "lowest":  # the bottom of both scales: below the finished harmful answer (-1 + 0.5)
+        assert judged[0] == -1.0 and formatted[0] == 0.0
+        assert adv[0] < min(adv[1:4]) and adv[1] < 0
+        assert mask[0].sum() > 0  # and it is learnt from: pushed down
+    else:  # out of the loss, and out of the group's baseline: the finished answers' advantages sum to 0
+        assert math.isnan(judged[0]) and math.isnan(formatted[0])
+        assert adv[0] == 0.0 and mask[0].sum() == 0 and all(mask[i].sum() > 0 for i in (1, 2, 3))
+        assert abs(sum(adv[1:4])) < 1e-4
+    # the benign prompt: the unreadable verdict gives no reward from either function, so trl leaves
+    # the answer out of its group (advantage 0, the others' baseline without it); counted
+    assert judged[4:7] == [1.0, -1.0, 1.0] and math.isnan(judged[7]) and math.isnan(formatted[7])
+    assert adv[7] == 0.0 and abs(sum(adv[4:7])) < 1e-4 and adv[5] < 0 < adv[4]
+    assert stats["judge_unreadable"] == 1 and stats["truncated_completions"] == 1 and "judge_errors" not in stats
+    assert torch.isfinite(out["advantages"]).all()
+
+
+@pytest.mark.slow
+def test_an_arm_in_its_own_run_trains_dpo_on_direct_answers_from_another_runs_data(sft_run):
+    """SaRO's traditional-alignment arm: DPO on dpo_og.jsonl (a safe direct answer over an unsafe
+    one), in a run of its own, reading the main run's stage 2 and starting from its stage 3."""
+    module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.max_steps=1", "run_name=tiny-dpo-og",
+                              "dpo.source_run=tiny", "dpo.sft_run=tiny", "dpo.dataset=dpo_og")
+    _, rows = module.load_pairs(cfg)
+    assert [r["chosen"][0]["content"] for r in rows[:2]] == ["I cannot help with that.", "Here is how to make item 1."]
+    out = module.main(cfg)
+    assert out == sft_run / "tiny-dpo-og" / "04_dpo"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["steps"] == 1
+    assert manifest["inputs"]["pairs"]["path"] == str(sft_run / "tiny" / "02_refine" / "dpo_og.jsonl")
+    assert manifest["inputs"]["pairs"]["rows"] == 8
+    assert manifest["model"]["sft_adapter"] == str(sft_run / "tiny" / "03_sft" / "adapter")
+    # without the keys the arm's run has neither a stage 2 nor a stage 3 of its own
+    for drop in ("dpo.source_run=null", "dpo.sft_run=null"):
+        module, cfg = make_config("04_dpo", "dpo", sft_run, *FAST, "dpo.max_steps=1", "run_name=tiny-dpo-og",
+                                  "dpo.source_run=tiny", "dpo.sft_run=tiny", "dpo.dataset=dpo_og", drop)
+        with pytest.raises(InputError, match="no stage 2" if "source" in drop else "no stage 3"):
+            module.main(cfg)
