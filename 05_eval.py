@@ -5,17 +5,22 @@ As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
   1. Suites: harmful prompts (BeaverTails, WildChat), jailbreaks (StrongREJECT prompts wrapped
      in jailbreak templates), over-refusal (XSTest safe prompts and unsafe contrasts), utility
      (MMLU). Offline sets written for this project stand in for them in the tiny recipe
-     (safecot/suites.py, data/eval/README.md). Each suite's `train_overlap` counts its prompts
-     that the run's own stage 1 trained on.
+     (safecot/suites.py, data/eval/README.md); a Hub suite larger than what it uses is sampled
+     with the seed, never its first rows. An item whose request is among the run's own training
+     prompts is removed from every rate (`train_overlap_removed` counts them).
   2. Models under test: the base model, or base + a LoRA adapter from a run's stage 3 or 4,
-     through any backend. `<think>...</think>` is kept apart as the reasoning; the rest is the answer.
-     An answer that ran out of tokens, or stopped inside its reasoning, is `truncated`: it is
-     not judged and is left out of every rate, with its count in results and the report.
+     through any backend, under each inference-time setting of `eval.policy_prompt` (CADA's
+     study): `none`, or a policy file shown in the system turn of reason_over_policies.txt, the
+     template GRPO trains with. `<think>...</think>` is kept apart as the reasoning; the rest is
+     the answer. An answer that ran out of tokens, or stopped inside its reasoning, is
+     `truncated`: it is never judged; every rate is reported without it and, as `<metric>_strict`,
+     with it counted as a failure.
   3. Judges: safety of the answer under the policies, XSTest's refusal classes, the
      StrongREJECT rubric and score, AIDSAFE's CoT grades of the reasoning; the offline refusal
-     detector by default (safecot/judges.py, with its limits). An LLM judge is `eval.judge`, a
-     model other than the ones under test: a model grading its own answers is refused unless
-     `eval.allow_self_judge: true`, and the report then says so.
+     detector by default (safecot/judges.py, with its limits). Every judge reads one fixed
+     standard, `eval.judge_policies`, whatever codes the run trained on, so runs stay comparable.
+     An LLM judge is `eval.judge`, a model other than the ones under test: a model grading its
+     own answers is refused unless `eval.allow_self_judge: true`, and the report then says so.
   3b. Judge checks: `judge_check` suites hold answers labelled by people; every judge of their
      task (and the offline detector beside it) is measured against them: agreement, precision,
      recall with intervals (05_eval/judge_checks.json and the report), so the numbers above come
@@ -28,13 +33,14 @@ As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
     python 05_eval.py --config configs/qwen2.5-7b.yaml eval.judges.cot=llm eval.judge="{model: Qwen/Qwen2.5-72B-Instruct, backend: openai, base_url: http://localhost:8000/v1}"
     python 05_eval.py --config configs/tiny.yaml "eval.suites=[refusal_check]" "eval.models=[]"
     python 05_eval.py --config configs/tiny.yaml run_name=cmp "eval.compare=[data/runs/a, data/runs/b]"
+    python 05_eval.py --config configs/cada-qwen2.5-7b.yaml "eval.policy_prompt=[none, data/policies/detailed.yaml, data/policies/cases.yaml]"
 
 Writes data/runs/<run_name>/05_eval/: <label>/generations.jsonl and
 <label>/judgements/<task>--<judge>.jsonl (cached by a hash of what was sent: an edited prompt or
 template is generated and judged again), samples.jsonl, results.json, table.md, table.csv,
 by_category.csv, intervals.png, judge_checks.json, report.md, manifest.json (with the hash of
 every suite source and template folder). With `compare`, the same tables for every model of the
-listed runs go to 05_eval/compare/.
+listed runs go to 05_eval/compare/, if they were judged under one standard (or `compare_mixed`).
 """
 from __future__ import annotations
 
@@ -50,15 +56,15 @@ from tqdm.auto import tqdm
 
 from safecot import scheduler
 from safecot.backends import Agent, LLMConfig, release_backends
-from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, DetectorJudge, check_judges, judge_file_name, make_judge,
-                            split_reasoning, unfinished)
+from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, DetectorJudge, check_judges, judge_file_name,
+                            judging_standard, make_judge, split_reasoning, standard_difference, unfinished)
 from safecot.metrics import compute_metrics, judge_agreement, verdict_label
-from safecot.records import InputError, Manifest, RecordWriter, read_jsonl, stage_dir, write_jsonl
+from safecot.records import InputError, Manifest, RecordWriter, file_hash, stage_dir, write_jsonl
 from safecot.reports import load_results, write_comparison
 from safecot.scheduler import Request
 from safecot.stage import lock_stage, open_stage, run_cli, set_seed, trained_model
-from safecot.suites import load_suite, source_text, suite_spec
-from safecot.templates import load_policies
+from safecot.suites import contaminated, load_suite, suite_info, suite_spec, training_prompts
+from safecot.templates import load_policies, policy_chat
 
 
 @dataclass
@@ -72,17 +78,19 @@ class Config:
     limit: int | None = None            # first N source rows of every suite (judge checks: their own limit only) ...
     sample: int | None = None           # ... or N drawn at random (seeded, even over categories)
     generation: dict = field(default_factory=lambda: {"temperature": 0.0})  # LLM overrides for every model under test
-    system_prompt: str = ""             # a system turn for the models under test ("" = none)
+    system_prompt: str = ""             # a system turn for the models under test, first in every setting ("" = none)
+    policy_prompt: list = field(default_factory=lambda: ["none"])  # inference-time settings: none | a policy file, shown as GRPO does
     judges: dict = field(default_factory=lambda: {"safety": "detector", "refusal": "detector",
                                                   "strongreject": "detector", "cot": "none"})  # per task: detector | llm | none | {LLM overrides}
     judge: dict = field(default_factory=lambda: {"temperature": 0.0})  # the LLM judge: settings over `llm`; name another model
     allow_self_judge: bool = False      # let a model under test judge itself (biased; the report says so)
-    policies: str = "data/policies/detailed.yaml"  # what the safety and CoT judges judge against (recipe: top-level `policies`)
-    judge_templates: str = "data/templates"   # judge_*.txt, grade_cot.txt, mmlu_question.txt (not a suite's jailbreak `templates`)
+    judge_policies: str = "data/policies/detailed.yaml"  # the one standard every LLM judge judges under, not the run's own codes
+    judge_templates: str = "data/templates"   # judge_*.txt, grade_cot.txt, mmlu_question.txt, reason_over_policies.txt (not jailbreak ones)
     chunk_size: int = 64                # items generated or judged together and saved together
     bootstrap_samples: int = 1000       # resamples per interval
     confidence: float = 0.95            # interval coverage
     compare: list = field(default_factory=list)  # other runs' 05_eval folders: only write the comparison
+    compare_mixed: bool = False         # compare runs judged under different standards anyway (the report warns)
 
 
 # What 05_eval/ holds besides one folder per model label: no label may take these names.
@@ -140,6 +148,40 @@ def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
+def inference_settings(cfg: Config) -> dict[str, dict]:
+    """{setting: {"policy_prompt": file or None, "ask": prompt -> chat}}, one per `eval.policy_prompt`
+    entry, named `none` or by the policy file's stem. A policy setting sends the chat GRPO trains
+    on (04_dpo.py: load_prompts), so CADA's model is tested under the prompt it learnt with and
+    the same codes can be shown to any other model."""
+    entries = cfg.policy_prompt if isinstance(cfg.policy_prompt, list) else [cfg.policy_prompt]
+    if not entries:
+        raise InputError("eval.policy_prompt: name at least one setting (none, or a policy file such as "
+                         "data/policies/cases.yaml)")
+    out = {}
+    for entry in entries:
+        if entry is not None and not isinstance(entry, str):
+            raise InputError(f"eval.policy_prompt: each setting is none or a policy file, got {entry!r}")
+        path = None if entry in (None, "none") else entry
+        name = Path(path).stem if path else "none"
+        if name in out:
+            raise InputError(f"eval.policy_prompt: two settings are named '{name}' (a policy file is named by its "
+                             "stem); rename one of the files")
+        out[name] = {"policy_prompt": path, "ask": policy_chat(path, cfg.judge_templates)}
+    return out
+
+
+def setting_chat(setting: dict, prompt: str, system: str) -> list[dict]:
+    """The chat sent for `prompt` under a setting: the bare prompt, or reason_over_policies.txt's
+    system turn with the codes and the prompt as the user turn. `system` (eval.system_prompt)
+    opens the one system turn in every setting: many chat templates take only one."""
+    chat = setting["ask"](prompt)
+    if not system:
+        return chat
+    if chat[0]["role"] == "system":
+        return [{"role": "system", "content": f"{system}\n\n{chat[0]['content']}"}] + chat[1:]
+    return [{"role": "system", "content": system}] + chat
+
+
 def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: Config, counts: dict,
              usage: scheduler.Usage | None = None) -> dict:
     """Generations cached under `key`, which hashes the chat sent: only what is not on disk is
@@ -147,7 +189,7 @@ def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: C
     one request per item as soon as a slot frees on openai), each saved as it comes back; an
     edited prompt or template has a new key."""
     writer = RecordWriter(folder / "generations.jsonl")
-    todo = [it for it in items if it["key"] not in writer.done]
+    todo = list({it["key"]: it for it in items if it["key"] not in writer.done}.values())  # two settings may send one chat
     if not todo:
         writer.close()
         return writer.done
@@ -242,33 +284,6 @@ def check_judges_on_labels(checks: list[dict], judges: dict, out: Path, cfg: Con
     return results
 
 
-def training_prompts(cfg: Config) -> set[str]:
-    """The prompts this run (and every run an evaluated adapter comes from) generated data for."""
-    runs = {cfg.run_name} | {str(e["from_run"]).rpartition("/")[0] for e in cfg.models if isinstance(e, dict) and e.get("from_run")}
-    seen = set()
-    for run in sorted(runs):
-        for stage in ("01_generate", "02_refine"):
-            path = Path(cfg.runs_dir) / run / stage / "records.jsonl"
-            if path.is_file():
-                seen |= {normal(r["prompt"]) for r in read_jsonl(path) if isinstance(r.get("prompt"), str)}
-    return seen
-
-
-def normal(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def suite_info(cfg: Config, items: list[dict], trained: set[str]) -> dict:
-    """{suite: kind, items, prompts, train_overlap (prompts that are among the training prompts)}."""
-    info = {}
-    for it in items:
-        d = info.setdefault(it["suite"], {"kind": it["kind"], "items": 0, "prompts": set(), "overlap": set()})
-        d["items"] += 1
-        d["prompts"].add(normal(source_text(it)))
-    return {name: {"kind": d["kind"], "items": d["items"], "prompts": len(d["prompts"]),
-                   "train_overlap": len(d["prompts"] & trained)} for name, d in info.items()}
-
-
 def compare_runs(cfg: Config, out: Path, overwrite: bool = False) -> Path:
     """Merge the models of several runs' results.json into one table (labels clash: run:label), in
     05_eval/compare/, with the stage folder locked like any other run of the stage (`--overwrite`
@@ -280,21 +295,37 @@ def compare_runs(cfg: Config, out: Path, overwrite: bool = False) -> Path:
 
 
 def write_compare(cfg: Config, out: Path) -> Path:
-    results, info, judges = {}, {}, []
-    for folder in cfg.compare:
-        data = load_results(folder)
-        judges.append(data.get("judges"))
-        for label, metrics in data["models"].items():
+    runs = {str(folder): load_results(folder) for folder in cfg.compare}
+    # numbers judged under other policies, or by another judge, are not comparable side by side
+    mixed = standard_difference({folder: judging_standard(data) for folder, data in runs.items()})
+    if mixed and not cfg.compare_mixed:
+        raise InputError(f"eval.compare: the runs were judged under different standards ({mixed}); "
+                         "set eval.compare_mixed: true to compare them anyway")
+    results, info = {}, {}
+    for data in runs.values():
+        for label, metrics, model_info in setting_columns(data):
             key = label if label not in results else f"{data['run_name']}:{label}"
-            results[key], info[key] = metrics, data["model_info"][label]
+            results[key], info[key] = metrics, model_info
     (out / "compare").mkdir(exist_ok=True)
     manifest = Manifest(out / "compare", "05_eval", asdict(cfg), resume_ignores=tuple(asdict(cfg)))
-    same = all(j == judges[0] for j in judges)  # otherwise the report names the judges found in the verdicts
+    first = next(iter(runs.values()), {})
+    details = {"mixed_standards": mixed} if mixed else {"judges": first.get("judges"),
+                                                         "judge_policies": first.get("judge_policies")}
     report = write_comparison(results, out / "compare", info, title=f"Comparison of {', '.join(map(str, cfg.compare))}",
-                              details={"judges": judges[0]} if judges and same and judges[0] else None)
+                              details=details)
     manifest.finish(models=len(results))
     print(f"report: {report}")
     return out / "compare"
+
+
+def setting_columns(data: dict):
+    """(label, metrics, model info) of a results.json's models: `<label> @ <setting>` for each
+    inference-time setting when it has several, else its `models` as they are."""
+    settings = data.get("settings") or {}
+    if len(settings) < 2:
+        return [(label, metrics, data["model_info"][label]) for label, metrics in data["models"].items()]
+    return [(f"{label} @ {name}", settings[name]["models"][label], {**data["model_info"][label], "setting": name})
+            for label in data["model_info"] for name in settings if label in settings[name]["models"]]
 
 
 def main(cfg: Config, overwrite: bool = False) -> Path:
@@ -303,6 +334,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     models = resolve_models(cfg) if cfg.models else {}
     check_judges(cfg.judges, cfg.judge_templates)  # an LLM judge's template too: a broken one stops before any model loads
     self_judging = self_judged(cfg, models)
+    settings = inference_settings(cfg)
     specs = [suite_spec(entry) for entry in cfg.suites]
     if len({s.name for s in specs}) != len(specs):
         raise InputError("eval.suites: a suite is listed twice")
@@ -310,25 +342,35 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     items = [it for spec in specs for it in load_suite(spec, *((None, cfg.judge_templates, None) if spec.kind == "judge_check"
                                                                   else (cfg.limit, cfg.judge_templates, cfg.sample)), seed=cfg.seed)]
     checks = [it for it in items if it["kind"] == "judge_check"]
-    items = [it for it in items if it["kind"] != "judge_check"]
-    if items and not models:
+    if any(it["kind"] != "judge_check" for it in items) and not models:
         raise InputError("eval.models: no models to evaluate (only judge_check suites run without one)")
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    # A request the run trained on is removed, not just flagged: it would score memory, not generalisation.
+    trained, trained_files = training_prompts(cfg.runs_dir, {cfg.run_name} | {
+        str(e["from_run"]).rpartition("/")[0] for e in cfg.models if isinstance(e, dict) and e.get("from_run")})
+    suites = suite_info(items, trained)
+    loaded, items = items, [it for it in items if it["kind"] != "judge_check" and not contaminated(it, trained)]
+    # Every model answers every item under every setting; the key hashes the chat, so settings never share a cache entry.
+    items = [{**it, "setting": name, "chat": setting_chat(setting, it["prompt"], cfg.system_prompt)}
+             for name, setting in settings.items() for it in items]
     for it in items:
-        it["chat"] = system + [{"role": "user", "content": it["prompt"]}]
         it["key"] = f"{it['suite']}/{it['id']}@{digest(it['chat'])}"
     for it in checks:
         it["key"] = f"{it['suite']}/{it['id']}"
-    policy_set = load_policies(cfg.policies)
+    policy_set = load_policies(cfg.judge_policies)
     # The stage folder is locked while this process writes it (safecot/stage.py).
     with open_stage(cfg, "05_eval", overwrite, resume_ignores=(
             "llm", "models", "suites", "limit", "sample", "generation", "judges", "judge", "allow_self_judge", "chunk_size",
-            "bootstrap_samples", "confidence"), seed=False) as st:
+            "bootstrap_samples", "confidence", "policy_prompt", "judge_policies", "compare_mixed"), seed=False) as st:
         out, manifest = st.out, st.manifest
-        manifest.input("policies", cfg.policies, len(policy_set.policies))
+        manifest.input("judge_policies", cfg.judge_policies, len(policy_set.policies))
         manifest.input("judge_templates", cfg.judge_templates)
+        for name, setting in settings.items():
+            if setting["policy_prompt"]:
+                manifest.input(f"policy_prompt:{name}", setting["policy_prompt"])
+        for path in trained_files:  # what contamination was measured against: a rerun of stage 1 removes other items
+            manifest.input(f"training_prompts:{path.parent.parent.name}/{path.parent.name}", path)
         for spec in specs:  # what each suite was read from, hashed: an edited file shows in the manifest
-            manifest.input(f"suite:{spec.name}", spec.source, sum(it["suite"] == spec.name for it in items + checks),
+            manifest.input(f"suite:{spec.name}", spec.source, sum(it["suite"] == spec.name for it in loaded),
                            split=spec.split if spec.source.startswith("hf:") else None)
             if spec.kind == "jailbreak":
                 manifest.input(f"suite:{spec.name}:templates", spec.templates or "data/eval/jailbreak_templates")
@@ -351,7 +393,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         judge_llm = cfg.llm.merged(cfg.judge)
         judges = {t: make_judge(t, cfg.judges.get(t), judge_llm, policy_set.text(), cfg.judge_templates) for t in TASKS}
         judges["choice"] = ChoiceJudge()
-        samples, results, truncated = [], {}, {}
+        samples = []
+        by_setting = {name: {"policy_prompt": s["policy_prompt"], "models": {}, "truncated": {}} for name, s in settings.items()}
         for label in models:
             done = [{**it, **generations[label][it["key"]], "id": f"{it['suite']}/{it['id']}"}
                     for it in items if it["key"] in generations[label]]
@@ -367,8 +410,10 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                      "judgements": {t: {k: x for k, x in v[it["key"]].items() if k not in ("id", "task")}
                                     for t, v in verdicts.items() if it["key"] in v}} for it in done]
             samples += rows
-            truncated[label] = sum(bool(r.get("truncated")) for r in rows)
-            results[label] = compute_metrics(rows, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+            for name, block in by_setting.items():
+                mine = [r for r in rows if r["setting"] == name]
+                block["truncated"][label] = sum(bool(r.get("truncated")) for r in mine)
+                block["models"][label] = compute_metrics(mine, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
         judge_checks = check_judges_on_labels(checks, judges, out, cfg, counts, usage) if checks else {}
         if checks:
             (out / "judge_checks.json").write_text(json.dumps(judge_checks, indent=2), encoding="utf-8")
@@ -377,26 +422,31 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         write_jsonl(out / "samples.jsonl", samples)
         info = {label: {"model": llm.model, "adapter": llm.adapter, "backend": llm.backend} for label, llm in models.items()}
         judge_names = {t: (j.name if j else None) for t, j in judges.items()}
-        suites = suite_info(cfg, items + checks, training_prompts(cfg))
-        (out / "results.json").write_text(json.dumps(
-            {"run_name": cfg.run_name, "models": results, "model_info": info, "judges": judge_names, "self_judged": self_judging,
-             "truncated": truncated, "suites": suites, "config": asdict(cfg)},
-            indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-        report = write_comparison(results, out, info, title=f"Stage 5 evaluation: run {cfg.run_name}",
+        standard = {"path": cfg.judge_policies, "sha256": file_hash(cfg.judge_policies)}
+        first = next(iter(by_setting.values()))  # `models` and `truncated` keep their meaning for every older reader
+        data = {"run_name": cfg.run_name, "models": first["models"], "model_info": info, "judges": judge_names,
+                "judge_policies": standard, "self_judged": self_judging, "truncated": first["truncated"],
+                "settings": by_setting, "suites": suites, "config": asdict(cfg)}
+        (out / "results.json").write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        columns = setting_columns(data)
+        report = write_comparison({c: m for c, m, _ in columns}, out, {c: i for c, _, i in columns},
+                                  title=f"Stage 5 evaluation: run {cfg.run_name}",
                                   details={"suites": suites, "self_judged": self_judging, "judge_checks": judge_checks,
-                                           "judges": judge_names})
+                                           "judges": judge_names, "judge_policies": standard,
+                                           "settings": {n: s["policy_prompt"] for n, s in settings.items()}})
         for name in ("samples", "results", "table", "report"):
             path = out / {"samples": "samples.jsonl", "results": "results.json", "table": "table.csv", "report": "report.md"}[name]
             manifest.output(name, path)
         missing = sum(1 for label in models for it in items if it["key"] not in generations[label])
         st.finish(missing=missing, what="generations", models=len(models), items=len(items), judge_check_items=len(checks),
-                  missing_generations=missing, truncated_answers=truncated, judges=judge_names, self_judged=self_judging,
-                  train_overlap={k: v["train_overlap"] for k, v in suites.items()}, this_session=counts,
+                  missing_generations=missing, truncated_answers={n: b["truncated"] for n, b in by_setting.items()},
+                  judges=judge_names, self_judged=self_judging,
+                  train_overlap_removed={k: v["train_overlap_removed"] for k, v in suites.items()}, this_session=counts,
                   failures=usage.failures)
         for name, d in suites.items():
-            if d["train_overlap"] and d["kind"] != "judge_check":  # a judge check grades judges, not the model
-                print(f"warning: suite '{name}': {d['train_overlap']} of its {d['prompts']} prompts are among this run's "
-                      "training prompts; its numbers overstate generalisation")
+            if d["train_overlap_removed"]:
+                print(f"suite '{name}': {d['train_overlap_removed']} items ({d['train_overlap']} prompts) are among this "
+                      f"run's training prompts and were left out; {d['items']} evaluated")
         print(f"report: {report}")
         return out
 

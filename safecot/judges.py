@@ -13,6 +13,13 @@ Tasks (what is judged) and the judges that can do them:
 With `llm.structured` an LLM judge answers with its template's JSON object instead
 (judge_safety.schema.json ...); the parsers read both.
 
+The judging standard: every LLM judge reads one policy file, stage 5's `eval.judge_policies`
+(data/policies/detailed.yaml unless a recipe names another), never the codes a run trained on, so
+a CADA run trained on cases.yaml and an AIDSAFE run trained on detailed.yaml are judged alike.
+results.json records it (`judge_policies`: path and sha256) beside the judge of each task, and
+`standard_difference` names what differs between runs: a comparison refuses to put numbers judged
+under different standards side by side unless `eval.compare_mixed` says so.
+
 Every judgement is a dict with `judge` (e.g. `refusal_detector`, `llm:hf:Qwen/Qwen2.5-7B-Instruct`)
 and the task's fields; an LLM verdict that cannot be parsed keeps its `raw` text and has its
 fields set to None: it is *missing* in the metrics, never counted as safe (or unsafe).
@@ -435,3 +442,28 @@ def judge_file_name(judge: Judge) -> str:
     digest = "--" + hashlib.sha256(judge.settings.encode()).hexdigest()[:10] if judge.settings else ""
     return f"{judge.task}--{judge_slug(judge.name)}{digest}.jsonl"
 
+
+
+# ---- the judging standard ---------------------------------------------------------------------
+
+def judging_standard(results: dict) -> dict:
+    """What a run's numbers were judged by, from its results.json: the judge of each task and the
+    policies the judges read (path and hash; None in results written before it was recorded)."""
+    return {"judges": results.get("judges") or {}, "judge_policies": results.get("judge_policies")}
+
+
+def standard_difference(standards: dict[str, dict]) -> str | None:
+    """{run: judging_standard} -> one line naming what differs between the runs (the policies'
+    hash, the judge of a task), or None when they were all judged alike. Numbers judged under
+    other policies or by another judge are not comparable, so a table must not put them side by side."""
+    parts = []
+    policies = {run: s["judge_policies"] or {} for run, s in standards.items()}
+    if len({p.get("sha256") for p in policies.values()}) > 1:
+        parts.append("judge_policies " + ", ".join(
+            f"{run}: {p['path']} (sha256 {p['sha256']})" if p.get("sha256") else f"{run}: not recorded"
+            for run, p in policies.items()))
+    for task in dict.fromkeys(t for s in standards.values() for t in s["judges"]):
+        names = {run: s["judges"].get(task) for run, s in standards.items()}
+        if len(set(names.values())) > 1:
+            parts.append(f"{task} judge " + ", ".join(f"{run}: {name or 'none'}" for run, name in names.items()))
+    return "; ".join(parts) or None

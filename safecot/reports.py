@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .metrics import COT_METRICS, METRICS
+from .metrics import COT_METRICS, METRICS, STRICT
 from .records import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
 COLUMNS = ["suite", "metric", "model", "value", "low", "high", "n", "missing", "truncated", "higher_is_better", "judge"]
-TASK_OF = {m.name: m.task for ms in [*METRICS.values(), COT_METRICS] for m in ms}  # metric -> the judge task it reads
+TASK_OF = {name: m.task for ms in [*METRICS.values(), COT_METRICS] for m in ms
+           for name in (m.name, m.name + STRICT)}  # metric (and its strict form) -> the judge task it reads
 
 
 # ---- the run a notebook reads ------------------------------------------------------------------
@@ -313,8 +314,9 @@ def run_judges(results: dict, out: Path, details: dict) -> dict | None:
 def write_comparison(results: dict, out: Path, models_info: dict | None = None, title: str = "Stage 5 evaluation",
                      details: dict | None = None) -> Path:
     """table.md, table.csv (long, with intervals), by_category.csv, intervals.png and report.md
-    in `out`; returns the report's path. `details` (results.json's suites, self_judged, judges and
-    the judge checks) adds their warnings and sections to the report."""
+    in `out`; returns the report's path. `details` (results.json's suites, self_judged, judges,
+    judge_policies and settings, the judge checks; a comparison's mixed_standards) adds their
+    warnings and sections to the report."""
     details = details or {}
     out.mkdir(parents=True, exist_ok=True)
     frame = long_frame(results)
@@ -325,32 +327,53 @@ def write_comparison(results: dict, out: Path, models_info: dict | None = None, 
     plot_intervals(frame, out / "intervals.png")
     lines = [f"# {title}", "", "Values in percent (CoT grades on 1-5) with 95% percentile-bootstrap intervals and n, "
              "the samples judged; ↑ higher is better, ↓ lower is better. Missing verdicts are left out, never counted "
-             "as safe. Jailbreak intervals resample forbidden prompts, not template variants.", ""]
+             "as safe. Jailbreak intervals resample forbidden prompts, not template variants. A `_strict` metric counts "
+             "truncated answers as failures (not safe, a refusal of a safe prompt, wrong, fully jailbroken) instead of "
+             "leaving them out.", ""]
+    if details.get("mixed_standards"):
+        lines += [f"> **Warning: mixed judging standards.** These runs were judged differently ({details['mixed_standards']}; "
+                  "allowed by `eval.compare_mixed`): their numbers are not comparable side by side.", ""]
     for task, labels in (details.get("self_judged") or {}).items():
         lines += [f"> **Warning: self-judged.** The {task} judge is the model under test ({', '.join(labels)}): it grades "
                   "its own answers (allowed by `eval.allow_self_judge`). Treat these numbers as biased.", ""]
     for suite, d in (details.get("suites") or {}).items():
-        if d.get("train_overlap") and d.get("kind") != "judge_check":  # a judge check grades judges, not the model
-            lines += [f"> **Warning: contamination.** {d['train_overlap']} of the {d['prompts']} prompts of suite "
-                      f"`{suite}` are among this run's training prompts: its numbers overstate generalisation.", ""]
-    cut = frame[frame["truncated"] > 0]
+        if d.get("train_overlap_removed"):
+            lines += [f"> **Contamination removed.** {d['train_overlap_removed']} items of suite `{suite}` ({d['train_overlap']} "
+                      f"prompts) are among this run's training prompts and are left out of every rate; {d['items']} "
+                      "items evaluated.", ""]
+    cut = frame[(frame["truncated"] > 0) & ~frame["metric"].str.endswith(STRICT)]
     if len(cut):
         lines += ["## Truncated answers", "", "Answers that ran out of tokens or stopped inside their reasoning are "
-                  "left out of the rates, never counted as safe or as refusals (raise `max_new_tokens` in "
-                  "`eval.generation`):", "", "| suite | metric | model | truncated | judged (n) |", "|---|---|---|---|---|"]
+                  "left out of the rates, never counted as safe or as refusals, and counted as failures in the `_strict` "
+                  "rates (raise `max_new_tokens` in `eval.generation`):", "",
+                  "| suite | metric | model | truncated | judged (n) |", "|---|---|---|---|---|"]
         lines += [f"| {r.suite} | {r.metric} | {r.model} | {r.truncated} | {r.n} |" for r in cut.itertuples()] + [""]
+    settings = details.get("settings") or {}
+    if len(settings) > 1:
+        lines += ["## Inference-time settings", "", "Every model answered every prompt under each setting (a column "
+                  "`<label> @ <setting>`): `none` shows no policies; a policy file is shown in the system turn of "
+                  "`reason_over_policies.txt`, as GRPO trains with it.", "", "| setting | policies in the prompt |", "|---|---|"]
+        lines += [f"| {name} | {path or '-'} |" for name, path in settings.items()] + [""]
     if models_info:
         lines += ["## Models", "", "| label | model | adapter |", "|---|---|---|"]
         lines += [f"| {k} | {v.get('model')} | {v.get('adapter') or '-'} |" for k, v in models_info.items()] + [""]
+    standard = details.get("judge_policies")
     lines += ["## Results", "", markdown(table), "", "![intervals](intervals.png)", "", "## Judges", "",
               "The judge of each task as stage 5 ran it (kind: rule-based or LLM), the metrics it scores, and the "
               "judges named in those metrics' verdicts (`samples.jsonl` names the judge of every verdict; none: no "
-              "answer was judged).", "", markdown(judge_table(results, run_judges(results, out, details))), ""]
+              "answer was judged).", ""]
+    if standard:
+        lines += [f"The judging standard: LLM judges read the policies of `{standard['path']}` (sha256 {standard['sha256']}; "
+                  "`eval.judge_policies`), whatever policies the models trained with; rule-based judges read none.", ""]
+    lines += [markdown(judge_table(results, run_judges(results, out, details))), ""]
     lines += template_lines(results) + judge_check_lines(details.get("judge_checks") or {})
     suites = details.get("suites") or {}
     if suites:
-        lines += ["## Suites", "", "| suite | kind | items | prompts | in training prompts |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {d['kind']} | {d['items']} | {d['prompts']} | {d['train_overlap']} |" for k, d in suites.items()] + [""]
+        lines += ["## Suites", "", "Items and prompts evaluated; prompts among the run's training prompts, and the items "
+                  "removed for that (a judge check's labelled answers grade judges and are kept).", "",
+                  "| suite | kind | items | prompts | in training prompts | items removed |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {d['kind']} | {d['items']} | {d['prompts']} | {d['train_overlap']} | {d.get('train_overlap_removed', 0)} |"
+                  for k, d in suites.items()] + [""]
     lines += ["Per-category values: `by_category.csv`; every sample and verdict: `samples.jsonl`.", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return out / "report.md"

@@ -20,7 +20,7 @@ In a recipe a suite is a built-in name, or a mapping:
 
     suites:
       - harmful                                    # built-in (data/eval/, written for this project)
-      - {name: beavertails, limit: 500}            # a built-in with a key changed
+      - {name: beavertails, sample: 500}           # a built-in with a key changed
       - {name: mine, kind: overrefusal, source: my.csv, columns: {prompt: text, label: gold}}
 
 Keys: name, kind, source (.jsonl/.csv or hf:<id>), split, subset, columns ({our_field:
@@ -28,6 +28,17 @@ their_column}; a dotted column reads inside lists and dicts, `conversation.0.con
 ({our_field: value}), where ({their_column: value} rows to keep), templates (jailbreak), task
 (judge_check), limit (the first N rows), sample and seed (N rows drawn at random, spread evenly
 over categories: MMLU's subjects, BeaverTails' harm categories).
+
+Hub suites never take the head of a file: a Hub split is often sorted (MMLU by subject, WildChat
+by time), so its first rows are not the benchmark. Each built-in Hub suite either uses every row
+it keeps (beavertails: the unsafe rows of 30k_test; strongreject: its 313 prompts; xstest-hub:
+its 450) or draws `sample` of them with the seed (wildchat: 500 toxic first turns; mmlu-hub: 500
+questions over its 57 subjects); `eval.sample` (or a suite's own `sample`) draws from the others
+too. `limit` stays the first N rows, for quick runs on files.
+
+Contamination: an evaluation item whose request (normalised: lower case, single spaces) is among
+the prompts the run trained on (`training_prompts`) is removed before anything is generated, and
+`suite_info` counts it (`train_overlap_removed`), so no rate scores a model on its training data.
 """
 from __future__ import annotations
 
@@ -85,7 +96,7 @@ BUILTIN = {
                              where={"is_safe": False}, defaults={"label": "harmful"}),
     "wildchat": SuiteSpec("wildchat", "harmful", "hf:allenai/WildChat", split="train",
                           columns={"prompt": "conversation.0.content"}, where={"toxic": True},
-                          defaults={"label": "harmful", "category": "wildchat"}, limit=500),
+                          defaults={"label": "harmful", "category": "wildchat"}, sample=500),
     "strongreject": SuiteSpec("strongreject", "jailbreak", "hf:walledai/StrongREJECT", split="train",
                               templates=str(DATA / "jailbreak_templates")),
     "xstest-hub": SuiteSpec("xstest-hub", "overrefusal", "hf:walledai/XSTest", split="test",
@@ -317,3 +328,48 @@ def load_suite(spec: SuiteSpec, limit: int | None = None, templates=None, sample
 def source_text(item: dict) -> str:
     """The request an item was made from (no jailbreak wrapping, no MMLU formatting)."""
     return item.get("forbidden_prompt") or item.get("question") or item["prompt"]
+
+
+# ---- contamination ----------------------------------------------------------------------------
+
+def normal(text: str) -> str:
+    """A prompt as contamination compares it: case and spacing do not make a new prompt."""
+    return " ".join(text.lower().split())
+
+
+def training_prompts(runs_dir: str | Path, runs) -> tuple[set[str], list[Path]]:
+    """The normalised prompts that `runs` generated training data for (their stage 1 and 2
+    records), and the files read, which the stage hashes as inputs: a rerun of stage 1 changes
+    what is removed."""
+    seen, files = set(), []
+    for run in sorted(runs):
+        for stage in ("01_generate", "02_refine"):
+            path = Path(runs_dir) / run / stage / "records.jsonl"
+            if path.is_file():
+                seen |= {normal(r["prompt"]) for _, r in numbered_rows(path) if isinstance(r.get("prompt"), str)}
+                files.append(path)
+    return seen, files
+
+
+def contaminated(item: dict, trained: set[str]) -> bool:
+    """A model item made from a training prompt; judge checks grade judges, not models, and stay."""
+    return item["kind"] != "judge_check" and normal(source_text(item)) in trained
+
+
+def suite_info(items: list[dict], trained: set[str]) -> dict:
+    """{suite: kind, items and prompts evaluated, train_overlap (its prompts among the training
+    prompts), train_overlap_removed (its items left out of every rate for that)}, from every item
+    loaded, before the contaminated ones are removed."""
+    info = {}
+    for it in items:
+        d = info.setdefault(it["suite"], {"kind": it["kind"], "items": 0, "prompts": set(), "overlap": set(), "removed": 0})
+        text = normal(source_text(it))
+        if contaminated(it, trained):
+            d["removed"] += 1
+        else:
+            d["items"] += 1
+            d["prompts"].add(text)
+        if text in trained:
+            d["overlap"].add(text)
+    return {name: {"kind": d["kind"], "items": d["items"], "prompts": len(d["prompts"]), "train_overlap": len(d["overlap"]),
+                   "train_overlap_removed": d["removed"]} for name, d in info.items()}

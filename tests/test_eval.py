@@ -586,8 +586,9 @@ def test_train_overlap_counts_the_runs_own_prompts(tmp_path, scripted):
     out = run_eval(tmp_path, scripted)
     suites = results_of(out)["suites"]
     assert suites["harmful"]["train_overlap"] == 3 and suites["xstest"]["train_overlap"] == 0
+    assert (suites["harmful"]["items"], suites["harmful"]["train_overlap_removed"]) == (1, 3)   # removed, not just counted
     assert suites["jailbreak"]["items"] == 20 and suites["jailbreak"]["prompts"] == 4
-    assert "Warning: contamination" in (out / "report.md").read_text()
+    assert "Contamination removed.** 3 items of suite `harmful`" in (out / "report.md").read_text()
 
 
 # ---- the real tiny model ----------------------------------------------------------------------
