@@ -28,10 +28,11 @@ demo: venv
 	echo "Report:   $$run/05_eval/report.md"; \
 	echo "Figures:  $$run/05_eval/intervals.png, and notebooks/*.ipynb draw every stage (RUN_DIR=$$run)"
 
-# A real recipe on one GPU, stage by stage; stages whose manifest says complete are skipped,
-# an interrupted one resumes. e.g. make reproduce CONFIG=configs/qwen2.5-7b.yaml
+# A recipe stage by stage; a recipe with an `experiment:` section runs every arm of its paper's
+# table and writes 05_eval/paper_table.md (safecot/experiments.py). Finished stages change nothing,
+# an interrupted one resumes. e.g. make reproduce CONFIG=configs/aidsafe-qwen2.5-7b.yaml
 reproduce: venv
-	@for s in $(STAGES); do echo "== $$s"; $(PY) $$s.py --config $(CONFIG) --skip-complete || exit 1; done
+	$(PY) -m safecot.experiments $(CONFIG)
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from .records import InputError
@@ -25,6 +26,9 @@ class _OptionalKernelNotice(logging.Filter):
 # Installed when this module is imported, which must come before the first import of bitsandbytes
 # (peft imports it; transformers.set_seed and the Trainer's callbacks import peft).
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
+# peft and trl (pinned) still ask models `is_gradient_checkpointing`, which transformers 5 renamed:
+# a deprecation notice every stage that loads an adapter printed, about code not ours that works as meant.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def resolve_model(name: str) -> str:

@@ -16,7 +16,6 @@ import resource
 import shutil
 import sys
 import time
-import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,11 +73,6 @@ def trainer_args(cfg, out: Path) -> dict:
 def on_gpu() -> bool:
     import torch
     return torch.cuda.is_available()
-
-
-# peft and trl (pinned) still ask models `is_gradient_checkpointing`, which transformers 5 renamed:
-# a deprecation notice every training stage printed, about code that is not ours and works as meant.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def load_base(model: str, load_in_4bit: bool = True, dtype: str = "auto", gradient_checkpointing: bool = False):
