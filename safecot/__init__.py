@@ -12,7 +12,14 @@
 - suites:    stage 5's evaluation suites (offline sets, Hub benchmarks, user files)
 - judges:    stage 5's judges (safety, refusal, StrongREJECT, CoT) and the offline refusal detector
 - metrics:   rates and means with bootstrap confidence intervals, overall and per category
-- reports:   the comparison table (Markdown, CSV) and its figure
+- reports:   the comparison table (Markdown, CSV) and its figures, the notebooks' RUN_DIR
+- stage:     what every stage main shares: command line, locked folder, manifest, reruns, summary
+- scheduler: many records' methods at once, no barrier between steps
+- grading:   AIDSAFE's six CoT grades, and the baseline-vs-AIDSAFE comparison
+- stance:    whether two near-identical thoughts agree (stage 2's near-duplicate pass)
+- rewards:   GRPO's reward functions (stage 4, CADA)
+- experiments: a paper's arms run by the stage scripts, one command (`make reproduce`)
+- papers:    a paper's main table from stage 5's results, its reported figures beside ours
 """
 
 # Installs models.py's filter for bitsandbytes' CPU-kernel notice before anything can import
