@@ -21,6 +21,12 @@ As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
      standard, `eval.judge_policies`, whatever codes the run trained on, so runs stay comparable.
      An LLM judge is `eval.judge`, a model other than the ones under test: a model grading its
      own answers is refused unless `eval.allow_self_judge: true`, and the report then says so.
+     With `eval.judge_reasoning: true` (SafeChain) the safety judge also reads the reasoning of
+     every harmful and jailbreak answer in place of the answer: an answer that is safe after
+     thoughts that spelled out the harm is not safe (safe_rate_answer / _thoughts / _both).
+  3a. Samples: `eval.samples: K > 1` draws K answers per prompt (sampling, so temperature > 0),
+     each its own cached generation, and reports Safe@1, Safe@K and ConsSafe@K (SafeChain),
+     with every interval of the suite resampled by prompt.
   3b. Judge checks: `judge_check` suites hold answers labelled by people; every judge of their
      task (and the offline detector beside it) is measured against them: agreement, precision,
      recall with intervals (05_eval/judge_checks.json and the report), so the numbers above come
@@ -32,6 +38,7 @@ As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
     python 05_eval.py --config configs/qwen2.5-7b.yaml "eval.models=[{label: base}]"
     python 05_eval.py --config configs/qwen2.5-7b.yaml eval.judges.cot=llm eval.judge="{model: Qwen/Qwen2.5-72B-Instruct, backend: openai, base_url: http://localhost:8000/v1}"
     python 05_eval.py --config configs/tiny.yaml "eval.suites=[refusal_check]" "eval.models=[]"
+    python 05_eval.py --config configs/qwen2.5-7b.yaml eval.judge_reasoning=true eval.samples=5 "eval.generation={temperature: 0.6}"
     python 05_eval.py --config configs/tiny.yaml run_name=cmp "eval.compare=[data/runs/a, data/runs/b]"
     python 05_eval.py --config configs/cada-qwen2.5-7b.yaml "eval.policy_prompt=[none, data/policies/detailed.yaml, data/policies/cases.yaml]"
 
@@ -58,7 +65,7 @@ from safecot import scheduler
 from safecot.backends import Agent, LLMConfig, release_backends
 from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, DetectorJudge, check_judges, judge_file_name,
                             judging_standard, make_judge, split_reasoning, standard_difference, unfinished)
-from safecot.metrics import compute_metrics, judge_agreement, verdict_label
+from safecot.metrics import SAFETY_KINDS, THOUGHTS, compute_metrics, judge_agreement, verdict_label
 from safecot.records import InputError, Manifest, RecordWriter, file_hash, stage_dir, write_jsonl
 from safecot.reports import load_results, write_comparison
 from safecot.scheduler import Request
@@ -84,6 +91,8 @@ class Config:
                                                   "strongreject": "detector", "cot": "none"})  # per task: detector | llm | none | {LLM overrides}
     judge: dict = field(default_factory=lambda: {"temperature": 0.0})  # the LLM judge: settings over `llm`; name another model
     allow_self_judge: bool = False      # let a model under test judge itself (biased; the report says so)
+    judge_reasoning: bool = False       # the safety judge also reads the reasoning, apart from the answer (SafeChain)
+    samples: int = 1                    # answers drawn per prompt, K (SafeChain: Safe@1, Safe@K, ConsSafe@K); > 1 needs temperature > 0
     judge_policies: str = "data/policies/detailed.yaml"  # the one standard every LLM judge judges under, not the run's own codes
     judge_templates: str = "data/templates"   # judge_*.txt, grade_cot.txt, mmlu_question.txt, reason_over_policies.txt (not jailbreak ones)
     chunk_size: int = 64                # items generated or judged together and saved together
@@ -247,6 +256,20 @@ def judge_all(judge, items: list[dict], folder: Path, cfg: Config, counts: dict,
     return {k: writer.done[v] for k, v in keys.items() if v in writer.done}
 
 
+def judge_thoughts(judge, items: list[dict], folder: Path, cfg: Config, counts: dict,
+                   usage: scheduler.Usage | None = None) -> dict:
+    """The safety judge's verdicts on the reasoning of safety-suite answers, read in place of the
+    answer (an answer safe after thoughts that spelled out the harm is not safe), cached under
+    keys of their own (`<key>/thoughts#<hash>`) beside the answers'. An answer without reasoning
+    said nothing unsafe in it: its thoughts count as safe, unjudged. -> {item key: verdict}."""
+    wanted = [it for it in items if it["kind"] in SAFETY_KINDS and not it.get("truncated")]
+    said = [{**it, "key": f"{it['key']}/thoughts", "answer": it["reasoning"], "reasoning": ""}
+            for it in wanted if (it.get("reasoning") or "").strip()]
+    found = judge_all(judge, said, folder, cfg, counts, usage) if said else {}
+    silent = {it["key"]: {"safe": True, "no_reasoning": True} for it in wanted if not (it.get("reasoning") or "").strip()}
+    return {**silent, **{key.removesuffix("/thoughts"): v for key, v in found.items()}}
+
+
 def self_judged(cfg: Config, models: dict[str, LLMConfig]) -> dict[str, list[str]]:
     """{task: labels of models under test whose own base model is that task's LLM judge}."""
     out, judge_of = {}, {}
@@ -332,6 +355,14 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     if cfg.compare:
         return compare_runs(cfg, stage_dir(cfg, "05_eval"), overwrite)
     models = resolve_models(cfg) if cfg.models else {}
+    if isinstance(cfg.samples, bool) or not isinstance(cfg.samples, int) or cfg.samples < 1:
+        raise InputError(f"eval.samples: expected a whole number of answers per prompt >= 1, got {cfg.samples!r}")
+    if cfg.judge_reasoning and cfg.judges.get("safety") in (None, "none", False):
+        raise InputError("eval.judge_reasoning: the reasoning is read by the safety judge, and eval.judges.safety is none")
+    greedy = [label for label, llm in models.items() if cfg.samples > 1 and not llm.temperature > 0]
+    if greedy:  # K greedy answers are one answer K times: Safe@K would equal Safe@1
+        raise InputError(f"eval.samples: {cfg.samples} answers per prompt need sampling, but '{greedy[0]}' generates "
+                         "with temperature 0; set eval.generation.temperature > 0 (SafeChain samples at 0.6) or eval.samples: 1")
     check_judges(cfg.judges, cfg.judge_templates)  # an LLM judge's template too: a broken one stops before any model loads
     self_judging = self_judged(cfg, models)
     settings = inference_settings(cfg)
@@ -354,13 +385,16 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
              for name, setting in settings.items() for it in items]
     for it in items:
         it["key"] = f"{it['suite']}/{it['id']}@{digest(it['chat'])}"
+    if cfg.samples > 1:  # each draw is its own cached generation; draw 0 keeps the one-answer key and its cache
+        items = [{**it, "sample": k, "key": it["key"] + (f"#{k}" if k else "")} for it in items for k in range(cfg.samples)]
     for it in checks:
         it["key"] = f"{it['suite']}/{it['id']}"
     policy_set = load_policies(cfg.judge_policies)
     # The stage folder is locked while this process writes it (safecot/stage.py).
     with open_stage(cfg, "05_eval", overwrite, resume_ignores=(
             "llm", "models", "suites", "limit", "sample", "generation", "judges", "judge", "allow_self_judge", "chunk_size",
-            "bootstrap_samples", "confidence", "policy_prompt", "judge_policies", "compare_mixed"), seed=False) as st:
+            "bootstrap_samples", "confidence", "policy_prompt", "judge_policies", "compare_mixed", "judge_reasoning",
+            "samples"), seed=False) as st:
         out, manifest = st.out, st.manifest
         manifest.input("judge_policies", cfg.judge_policies, len(policy_set.policies))
         manifest.input("judge_templates", cfg.judge_templates)
@@ -406,6 +440,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 if judge and wanted:
                     wanted = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in wanted]
                     verdicts[task] = judge_all(judge, wanted, out / label, cfg, counts, usage)
+            if cfg.judge_reasoning and judges["safety"]:
+                asked = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in done]
+                verdicts[THOUGHTS] = judge_thoughts(judges["safety"], asked, out / label, cfg, counts, usage)
             rows = [{**{k: v for k, v in it.items() if k not in ("key", "chat")}, "model": label,
                      "judgements": {t: {k: x for k, x in v[it["key"]].items() if k not in ("id", "task")}
                                     for t, v in verdicts.items() if it["key"] in v}} for it in done]
@@ -413,7 +450,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
             for name, block in by_setting.items():
                 mine = [r for r in rows if r["setting"] == name]
                 block["truncated"][label] = sum(bool(r.get("truncated")) for r in mine)
-                block["models"][label] = compute_metrics(mine, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+                block["models"][label] = compute_metrics(mine, cfg.bootstrap_samples, cfg.confidence, cfg.seed, cfg.samples)
         judge_checks = check_judges_on_labels(checks, judges, out, cfg, counts, usage) if checks else {}
         if checks:
             (out / "judge_checks.json").write_text(json.dumps(judge_checks, indent=2), encoding="utf-8")

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from .metrics import COT_METRICS, METRICS, STRICT
+from .metrics import COT_METRICS, METRICS, REASONING_METRICS, SAMPLE_METRICS, STRICT
 from .records import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root
 COLUMNS = ["suite", "metric", "model", "value", "low", "high", "n", "missing", "truncated", "higher_is_better", "judge"]
 TASK_OF = {name: m.task for ms in [*METRICS.values(), COT_METRICS] for m in ms
            for name in (m.name, m.name + STRICT)}  # metric (and its strict form) -> the judge task it reads
+# the reasoning and K-sample rates are all the safety judge's verdicts (on the thoughts too)
+TASK_OF.update({name: "safety" for m in [*REASONING_METRICS, *SAMPLE_METRICS] for name in (m.name, m.name + STRICT)})
 
 
 # ---- the run a notebook reads ------------------------------------------------------------------
