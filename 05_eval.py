@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 from safecot import scheduler
 from safecot.backends import Agent, LLMConfig, release_backends
 from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, DetectorJudge, check_judges, judge_file_name,
-                            judging_standard, make_judge, split_reasoning, standard_difference, unfinished)
+                            judge_protocol, judging_standard, make_judge, split_reasoning, standard_difference, unfinished)
 from safecot.metrics import SAFETY_KINDS, THOUGHTS, compute_metrics, judge_agreement, verdict_label
 from safecot.records import InputError, Manifest, RecordWriter, file_hash, stage_dir, write_jsonl
 from safecot.reports import load_results, write_comparison
@@ -319,10 +319,10 @@ def compare_runs(cfg: Config, out: Path, overwrite: bool = False) -> Path:
 
 def write_compare(cfg: Config, out: Path) -> Path:
     runs = {str(folder): load_results(folder) for folder in cfg.compare}
-    # numbers judged under other policies, or by another judge, are not comparable side by side
+    # numbers judged under other policies, by another judge or another template or decoding, are not comparable
     mixed = standard_difference({folder: judging_standard(data) for folder, data in runs.items()})
     if mixed and not cfg.compare_mixed:
-        raise InputError(f"eval.compare: the runs were judged under different standards ({mixed}); "
+        raise InputError(f"eval.compare: the runs were judged under different standards or protocols ({mixed}); "
                          "set eval.compare_mixed: true to compare them anyway")
     results, info = {}, {}
     for data in runs.values():
@@ -459,9 +459,10 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         write_jsonl(out / "samples.jsonl", samples)
         info = {label: {"model": llm.model, "adapter": llm.adapter, "backend": llm.backend} for label, llm in models.items()}
         judge_names = {t: (j.name if j else None) for t, j in judges.items()}
+        protocols = {t: judge_protocol(j) for t, j in judges.items()}  # what compare checks before one table
         standard = {"path": cfg.judge_policies, "sha256": file_hash(cfg.judge_policies)}
         first = next(iter(by_setting.values()))  # `models` and `truncated` keep their meaning for every older reader
-        data = {"run_name": cfg.run_name, "models": first["models"], "model_info": info, "judges": judge_names,
+        data = {"run_name": cfg.run_name, "models": first["models"], "model_info": info, "judges": protocols,
                 "judge_policies": standard, "self_judged": self_judging, "truncated": first["truncated"],
                 "settings": by_setting, "suites": suites, "config": asdict(cfg)}
         (out / "results.json").write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
@@ -469,7 +470,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         report = write_comparison({c: m for c, m, _ in columns}, out, {c: i for c, _, i in columns},
                                   title=f"Stage 5 evaluation: run {cfg.run_name}",
                                   details={"suites": suites, "self_judged": self_judging, "judge_checks": judge_checks,
-                                           "judges": judge_names, "judge_policies": standard,
+                                           "judges": protocols, "judge_policies": standard,
                                            "settings": {n: s["policy_prompt"] for n, s in settings.items()}})
         for name in ("samples", "results", "table", "report"):
             path = out / {"samples": "samples.jsonl", "results": "results.json", "table": "table.csv", "report": "report.md"}[name]

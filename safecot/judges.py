@@ -16,9 +16,11 @@ With `llm.structured` an LLM judge answers with its template's JSON object inste
 The judging standard: every LLM judge reads one policy file, stage 5's `eval.judge_policies`
 (data/policies/detailed.yaml unless a recipe names another), never the codes a run trained on, so
 a CADA run trained on cases.yaml and an AIDSAFE run trained on detailed.yaml are judged alike.
-results.json records it (`judge_policies`: path and sha256) beside the judge of each task, and
-`standard_difference` names what differs between runs: a comparison refuses to put numbers judged
-under different standards side by side unless `eval.compare_mixed` says so.
+results.json records it (`judge_policies`: path and sha256) beside each task's judging protocol
+(`judge_protocol`: kind, name, model, revision, template and the sha256 of its text as sent,
+decoding, the sha256 of the policy text it reads), and `standard_difference` names what differs
+between runs: a comparison refuses to put numbers judged under different standards or protocols
+side by side unless `eval.compare_mixed` says so.
 
 Every judgement is a dict with `judge` (e.g. `refusal_detector`, `llm:hf:Qwen/Qwen2.5-7B-Instruct`)
 and the task's fields; an LLM verdict that cannot be parsed keeps its `raw` text and has its
@@ -326,6 +328,36 @@ def parse_choice(text: str, n_choices: int = 4) -> str | None:
 
 # ---- judges -----------------------------------------------------------------------------------
 
+# The judging protocol results.json records per task: what must match for two runs' numbers to sit
+# in one table (the same outputs score 98% attack success under one judge and 51% under another).
+PROTOCOL_FIELDS = ("kind", "name", "model", "revision", "template", "template_sha256", "decoding", "policies_sha256")
+NO_PROTOCOL = dict.fromkeys(PROTOCOL_FIELDS)
+DECODING = ("temperature", "top_p", "max_new_tokens", "structured")   # LLMConfig.output_settings() that change a verdict
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def judge_protocol(judge) -> dict:
+    """{kind, name, model, revision, template, template_sha256, decoding, policies_sha256} of a
+    stage-5 judge; a task without one is kind `none`."""
+    return judge.protocol() if judge else {**NO_PROTOCOL, "kind": "none"}
+
+
+def as_protocol(entry) -> dict:
+    """A results.json judges entry as a protocol: results written before protocols were recorded
+    hold only the judge's name (a string), and everything else is unknown (None)."""
+    if isinstance(entry, dict):
+        return {**NO_PROTOCOL, **entry}
+    return {**NO_PROTOCOL, "name": entry, "kind": None if entry else "none"}
+
+
+def judge_name(entry) -> str | None:
+    """The judge's name from a results.json judges entry, old (a name) or new (a protocol)."""
+    return as_protocol(entry)["name"]
+
+
 class Judge:
     """A task bound to one judge. `judge.verdict(item)` is one item's judgement as a generator the
     scheduler drives (safecot/scheduler.py): it yields the judge's requests, if any, and returns
@@ -335,6 +367,7 @@ class Judge:
     an edited judge judges again instead of reusing old ones."""
     task: str
     name: str
+    kind: str = "detector"              # detector | choice | llm: results.json's `kind`
     settings: str = ""
     agents: tuple = ()                  # the LLMs it asks, for the scheduler's pool size
 
@@ -345,6 +378,11 @@ class Judge:
     def verdict(self, item: dict):
         return self.judge(item)
         yield  # a generator that asks no LLM
+
+    def protocol(self) -> dict:
+        """What results.json records of this judge (`judge_protocol`): a rule-based judge has no
+        model, template, decoding or policies."""
+        return {**NO_PROTOCOL, "kind": self.kind, "name": self.name}
 
     def __call__(self, items: list[dict]) -> list[dict]:
         return scheduler.gather(items, self.verdict, scheduler.pool_size(64, self.agents))
@@ -366,7 +404,7 @@ class DetectorJudge(Judge):
 
 
 class ChoiceJudge(Judge):
-    task, name = "choice", CHOICE_PARSER
+    task, name, kind = "choice", CHOICE_PARSER, "choice"
 
     def judge(self, it):
         choice = parse_choice(it["answer"], len(it["choices"]))
@@ -388,6 +426,15 @@ class LLMJudge(Judge):
         schema = {"schema": self.tpl.schema} if cfg.structured else {}  # only then does it shape the verdicts
         self.settings = json.dumps({"llm": cfg.output_settings(), "template": [self.tpl.system, self.tpl.user],
                                     "policies": policies, **schema}, sort_keys=True)
+        self.cfg = cfg
+
+    def protocol(self):
+        # the template and policies are hashed as sent (system and user parts, the policy text): an
+        # edited template judges differently under the same file name
+        return {**NO_PROTOCOL, "kind": "llm", "name": self.name, "model": self.cfg.model,
+                "revision": getattr(self.cfg, "revision", None), "template": f"{self.tpl.name}.txt",
+                "template_sha256": text_sha256(json.dumps([self.tpl.system, self.tpl.user], ensure_ascii=False)),
+                "decoding": {k: getattr(self.cfg, k) for k in DECODING}, "policies_sha256": text_sha256(self.policies)}
 
     def verdict(self, it):
         if self.task == "cot":  # AIDSAFE's grades of the model's own reasoning
@@ -447,15 +494,28 @@ def judge_file_name(judge: Judge) -> str:
 # ---- the judging standard ---------------------------------------------------------------------
 
 def judging_standard(results: dict) -> dict:
-    """What a run's numbers were judged by, from its results.json: the judge of each task and the
-    policies the judges read (path and hash; None in results written before it was recorded)."""
-    return {"judges": results.get("judges") or {}, "judge_policies": results.get("judge_policies")}
+    """What a run's numbers were judged by, from its results.json: the protocol of each task's judge
+    (`as_protocol`: a name alone in older results) and the policies the judges read (path and hash;
+    None in results written before it was recorded)."""
+    return {"judges": {t: as_protocol(e) for t, e in (results.get("judges") or {}).items()},
+            "judge_policies": results.get("judge_policies")}
+
+
+def _shown(field: str, p: dict) -> str:
+    value = p.get(field)
+    if field == "template_sha256":
+        return f"{p.get('template')} sha256 {value[:12]}"
+    if field == "decoding":
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
 def standard_difference(standards: dict[str, dict]) -> str | None:
     """{run: judging_standard} -> one line naming what differs between the runs (the policies'
-    hash, the judge of a task), or None when they were all judged alike. Numbers judged under
-    other policies or by another judge are not comparable, so a table must not put them side by side."""
+    hash, a task's judge, its template's hash, its decoding), or None when they were all judged
+    alike. A protocol field is compared only where every run recorded it: an older results.json
+    holds the judge's name alone. Numbers judged under other policies, by another judge or under
+    another protocol are not comparable, so a table must not put them side by side."""
     parts = []
     policies = {run: s["judge_policies"] or {} for run, s in standards.items()}
     if len({p.get("sha256") for p in policies.values()}) > 1:
@@ -463,7 +523,14 @@ def standard_difference(standards: dict[str, dict]) -> str | None:
             f"{run}: {p['path']} (sha256 {p['sha256']})" if p.get("sha256") else f"{run}: not recorded"
             for run, p in policies.items()))
     for task in dict.fromkeys(t for s in standards.values() for t in s["judges"]):
-        names = {run: s["judges"].get(task) for run, s in standards.items()}
+        protocols = {run: as_protocol(s["judges"].get(task)) for run, s in standards.items()}
+        names = {run: p["name"] for run, p in protocols.items()}
         if len(set(names.values())) > 1:
             parts.append(f"{task} judge " + ", ".join(f"{run}: {name or 'none'}" for run, name in names.items()))
+            continue
+        for field in ("revision", "template_sha256", "decoding", "policies_sha256"):
+            values = {run: p.get(field) for run, p in protocols.items()}
+            if None not in values.values() and len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+                what = "template" if field == "template_sha256" else field
+                parts.append(f"{task} judge {what} " + ", ".join(f"{run}: {_shown(field, protocols[run])}" for run in values))
     return "; ".join(parts) or None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .judges import as_protocol, judge_name
 from .metrics import COT_METRICS, METRICS, REASONING_METRICS, SAMPLE_METRICS, STRICT
 from .records import STAGES
 
@@ -117,6 +118,8 @@ def judge_table(results: dict, judges: dict | None = None) -> pd.DataFrame:
     with its kind), the suite / metrics it scores, and the judges named in those metrics' verdicts
     (`none` when no answer was judged, e.g. every one truncated). Without `judges` (a comparison
     of several runs' results) the judge column names the judges of the verdicts."""
+    if judges is not None:  # results.json holds a protocol per task (a name alone in older runs)
+        judges = {task: judge_name(entry) for task, entry in judges.items()}
     scored: dict[str, dict] = {}
     seen: dict[str, dict] = {}
     for suites in results.values():
@@ -302,8 +305,34 @@ def judge_check_lines(checks: dict) -> list[str]:
     return lines + ["", "Confusion counts and agreement per category: `judge_checks.json`.", ""]
 
 
+def protocol_lines(judges: dict | None, standard: dict | None) -> list[str]:
+    """The "Judges and protocol" section: per task, what decides whether another run's numbers may
+    sit beside these (`eval.compare` checks the same fields). An older results.json recorded the
+    judge's name alone: its protocol is `not recorded`."""
+    if not judges:
+        return []
+    lines = ["## Judges and protocol", "", "Numbers are comparable only under the same judge and protocol: the judge's "
+             "model, its template as sent (sha256 of the system and user parts), its decoding and the judging policies "
+             "(sha256 of the text it reads). `eval.compare` refuses runs that differ in any of them.", ""]
+    if standard:
+        lines += [f"Judging policies: `{standard['path']}` (file sha256 {standard['sha256']}).", ""]
+    lines += ["| task | kind | judge | model | template | template sha256 | decoding | policies sha256 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for task, entry in judges.items():
+        p = as_protocol(entry)
+        if p["kind"] is None:
+            lines.append(f"| {task} | not recorded | {p['name']} | not recorded | not recorded | - | - | - |")
+            continue
+        model = f"{p['model']}@{p['revision']}" if p["revision"] else p["model"]
+        decoding = ", ".join(f"{k}={v}" for k, v in (p["decoding"] or {}).items())
+        cells = [p["kind"], p["name"], model, p["template"], (p["template_sha256"] or "")[:12], decoding,
+                 (p["policies_sha256"] or "")[:12]]
+        lines.append(f"| {task} | " + " | ".join(str(c) if c else "-" for c in cells) + " |")
+    return lines + [""]
+
+
 def run_judges(results: dict, out: Path, details: dict) -> dict | None:
-    """{task: judge name} as stage 5 ran them: `details["judges"]`, else the `judges` of the
+    """{task: judge protocol (a name in older runs)} as stage 5 ran them: `details["judges"]`, else the `judges` of the
     results.json that 05_eval.py writes into `out` just before the report (if it holds these
     results); None for a comparison of several runs, whose judges only their verdicts name."""
     if details.get("judges") is not None:
@@ -367,7 +396,9 @@ def write_comparison(results: dict, out: Path, models_info: dict | None = None, 
     if standard:
         lines += [f"The judging standard: LLM judges read the policies of `{standard['path']}` (sha256 {standard['sha256']}; "
                   "`eval.judge_policies`), whatever policies the models trained with; rule-based judges read none.", ""]
-    lines += [markdown(judge_table(results, run_judges(results, out, details))), ""]
+    judges = run_judges(results, out, details)
+    lines += [markdown(judge_table(results, judges)), ""]
+    lines += protocol_lines(judges, standard)
     lines += template_lines(results) + judge_check_lines(details.get("judge_checks") or {})
     suites = details.get("suites") or {}
     if suites:

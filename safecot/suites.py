@@ -23,8 +23,10 @@ In a recipe a suite is a built-in name, or a mapping:
       - {name: beavertails, sample: 500}           # a built-in with a key changed
       - {name: mine, kind: overrefusal, source: my.csv, columns: {prompt: text, label: gold}}
 
-Keys: name, kind, source (.jsonl/.csv or hf:<id>), split, subset, columns ({our_field:
-their_column}; a dotted column reads inside lists and dicts, `conversation.0.content`), defaults
+Keys: name, kind, source (.jsonl/.csv, a .json document: a list of rows or rows grouped by a key as
+HarmBench's {behavior_id: [rows]}, or hf:<id>), split, subset, columns ({our_field: their_column};
+a dotted column reads inside lists and dicts, `conversation.0.content`; a judge check's label may
+list several columns, annotators' 1/0 votes, and their majority is the gold label), defaults
 ({our_field: value}), where ({their_column: value} rows to keep), templates (jailbreak), task
 (judge_check), limit (the first N rows), sample and seed (N rows drawn at random, spread evenly
 over categories: MMLU's subjects, BeaverTails' harm categories).
@@ -35,6 +37,13 @@ it keeps (beavertails: the unsafe rows of 30k_test; strongreject: its 313 prompt
 its 450) or draws `sample` of them with the seed (wildchat: 500 toxic first turns; mmlu-hub: 500
 questions over its 57 subjects); `eval.sample` (or a suite's own `sample`) draws from the others
 too. `limit` stays the first N rows, for quick runs on files.
+
+Judge checks on public human labels: `xstest-response-refusal` (task refusal: refusal/compliance)
+and `xstest-response-harm` (task safety: harmful/unharmful), XSTest answers labelled for WildGuard
+(hf:allenai/xstest-response, gated); `harmbench-val` (task safety: 1 = the completion is an instance of
+the harmful behavior = unsafe), HarmBench's classifier validation set, read from a copy you download
+(DOWNLOADS names where from; nothing is fetched at run time). Each item is one answer: without an
+`id`, a judge check's id hashes the prompt and the response, so one prompt answered twice is two items.
 
 Contamination: an evaluation item whose request (normalised: lower case, single spaces) is among
 the prompts the run trained on (`training_prompts`) is removed before anything is generated, and
@@ -66,10 +75,10 @@ SAFE_LABELS, UNSAFE_LABELS = ("safe", "benign", "borderline"), ("unsafe", "harmf
 class SuiteSpec:
     name: str
     kind: str
-    source: str                         # .jsonl / .csv, or hf:<dataset id>
+    source: str                         # .jsonl / .csv / .json (one document), or hf:<dataset id>
     split: str = "test"                 # Hub only
     subset: str | None = None           # Hub only: the config name
-    columns: dict = field(default_factory=dict)    # {our_field: their_column}
+    columns: dict = field(default_factory=dict)    # {our_field: their_column}; a judge check's label: [votes], majority
     defaults: dict = field(default_factory=dict)   # {our_field: value} when the column is absent
     where: dict = field(default_factory=dict)      # {their_column: value}: keep matching rows only
     templates: str | None = None        # jailbreak: a folder of *.txt, or a .jsonl/.csv of id, template
@@ -103,7 +112,29 @@ BUILTIN = {
                             columns={"category": "type"}),
     "mmlu-hub": SuiteSpec("mmlu-hub", "utility", "hf:cais/mmlu", subset="all", split="test",
                           columns={"category": "subject"}, sample=500),
+    # judge checks on public human labels. XSTest-Response (WildGuard, gated: accept AI2's terms and log in);
+    # id, splits and columns from https://huggingface.co/datasets/allenai/xstest-response (the card: 449
+    # response_refusal rows, 446 response_harmfulness rows) and code that loads it (columns prompt, response,
+    # label, prompt_type = prompt_safe | prompt_harmful). Its refusal labels are two-way: refusal | compliance.
+    "xstest-response-refusal": SuiteSpec("xstest-response-refusal", "judge_check", "hf:allenai/xstest-response",
+                                         split="response_refusal", task="refusal", columns={"category": "prompt_type"}),
+    # label harmful | unharmful: a harmful response is the `safety` task's positive class, unsafe
+    "xstest-response-harm": SuiteSpec("xstest-response-harm", "judge_check", "hf:allenai/xstest-response",
+                                      split="response_harmfulness", task="safety", columns={"category": "prompt_type"}),
+    # HarmBench's classifier validation set is a file in its GitHub repository, not a Hub dataset: download it
+    # (DOWNLOADS) to this path. {behavior_id: [{behavior_id, test_case, generation, human_0, human_1, human_2,
+    # method, ...}]} (centerforaisafety/HarmBench data/classifier_val_sets/text_behaviors_val_set.json). Gold =
+    # the majority of the three annotators' 1/0 "the generation is an instance of the behavior"; that is a
+    # harmful completion, so `task: safety` with 1 = unsafe. Narrower than unsafe: a harmful answer that is vague,
+    # minimal or off the behavior is labelled 0. The judge sees the test case (the prompt the model was sent,
+    # jailbreak and context included); HarmBench's own classifier reads the behavior text from another file.
+    "harmbench-val": SuiteSpec("harmbench-val", "judge_check", str(DATA / "harmbench" / "text_behaviors_val_set.json"),
+                               task="safety", columns={"prompt": "test_case", "response": "generation",
+                                                       "label": ["human_0", "human_1", "human_2"], "category": "method"}),
 }
+# where a suite's file comes from when it is not shipped (a missing file's error says so)
+DOWNLOADS = {"harmbench-val": "https://raw.githubusercontent.com/centerforaisafety/HarmBench/main/data/"
+                              "classifier_val_sets/text_behaviors_val_set.json"}
 
 
 def suite_spec(entry) -> SuiteSpec:
@@ -127,6 +158,11 @@ def suite_spec(entry) -> SuiteSpec:
         raise InputError(f"eval.suites '{name}': kind must be one of {', '.join(KINDS)}, got {spec.kind!r}")
     if (spec.kind == "judge_check") != (spec.task is not None) or (spec.task and spec.task not in CHECK_TASKS):
         raise InputError(f"eval.suites '{name}': a judge_check suite (and only one) names a task: {', '.join(CHECK_TASKS)}")
+    for f, col in spec.columns.items():
+        votes = f == "label" and spec.kind == "judge_check" and isinstance(col, list) and len(col) >= 1
+        if not (isinstance(col, str) and col) and not (votes and all(isinstance(c, str) and c for c in col)):
+            raise InputError(f"eval.suites '{name}': columns.{f} must name a column (a judge check's label may list "
+                             "several: annotators' votes)")
     for key in ("limit", "sample"):
         value = getattr(spec, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -152,6 +188,48 @@ def _get(row: dict, column: str):
     if isinstance(value, dict):  # e.g. BeaverTails' {category: true/false, ...}
         value = ",".join(k for k, v in value.items() if v) or "none"
     return value
+
+
+def _field(row: dict, column, task: str | None, where: str):
+    """A column's value; a list of columns is annotators' votes on a judge check's label, read as the
+    task's positive (1) or negative (0) class, and the majority of them wins (a tie stops the run)."""
+    if not isinstance(column, list):
+        return _get(row, column)
+    votes = [_get(row, c) for c in column]
+    if any(v is None or v == "" for v in votes):
+        return None
+    positive = sum(gold_label(task, v, where) == gold_label(task, 1, where) for v in votes)
+    if 2 * positive == len(votes):
+        raise InputError(f"{where}: the votes {', '.join(column)} are tied; no majority label")
+    return "1" if 2 * positive > len(votes) else "0"
+
+
+def _name(column) -> str:
+    return "+".join(column) if isinstance(column, list) else column
+
+
+def _document_rows(source: str):
+    """(where, row) pairs of a .json file holding one document: a list of rows, or rows grouped by a
+    key ({behavior_id: [rows]}, HarmBench's layout); None when it is JSON Lines under a .json name."""
+    path = Path(source)
+    if path.suffix != ".json" or not path.is_file():
+        return None
+    try:
+        doc = json.loads(read_text(path))
+    except json.JSONDecodeError:
+        return None  # several lines of JSON: JSON Lines, read as such
+    groups = doc.items() if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()) else (
+        [("", doc)] if isinstance(doc, list) else None)
+    if groups is None:
+        return None
+    rows = []
+    for key, group in groups:
+        for i, row in enumerate(group):
+            where = f"{source}: {key}[{i}]" if key else f"{source}: row {i}"
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object")
+            rows.append((where, row))
+    return rows
 
 
 def _choices(value, where: str) -> list[str]:
@@ -217,8 +295,8 @@ def gold_label(task: str, value, where: str) -> str:
         if text in REFUSAL_CLASSES:
             return text
         names = {"refusal": "refused", "refused": "refused", "compliance": "complied", "complied": "complied"}
-    elif task == "safety":
-        names = {"unsafe": "unsafe", "harmful": "unsafe", "safe": "safe", "harmless": "safe"}
+    elif task == "safety":  # unharmful: XSTest-Response's and WildGuard's word for a benign response
+        names = {"unsafe": "unsafe", "harmful": "unsafe", "safe": "safe", "harmless": "safe", "unharmful": "safe"}
     else:
         names = {"jailbroken": "jailbroken", "refused": "not_jailbroken", "not_jailbroken": "not_jailbroken"}
         try:
@@ -262,7 +340,11 @@ def load_suite(spec: SuiteSpec, limit: int | None = None, templates=None, sample
     """The suite's records (see the module docstring). `limit` caps source rows (the smaller of
     it and the suite's own), `sample` draws that many at random (the suite's own wins);
     `templates` is the folder holding mmlu_question.txt."""
-    rows, stem = _rows(spec.source, spec.split, spec.subset)
+    if spec.name in DOWNLOADS and not spec.source.startswith("hf:") and not Path(spec.source).is_file():
+        raise InputError(f"{spec.source}: file not found; suite '{spec.name}' reads a copy you download from "
+                         f"{DOWNLOADS[spec.name]}")
+    document = _document_rows(spec.source)
+    rows, stem = (document, Path(spec.source).stem) if document is not None else _rows(spec.source, spec.split, spec.subset)
     columns = {f: spec.columns.get(f, f) for f in ("id", "prompt", "label", "category", "question", "choices", "answer",
                                                    "response")}
     wraps = jailbreak_templates(spec.templates or str(DATA / "jailbreak_templates")) if spec.kind == "jailbreak" else None
@@ -274,16 +356,18 @@ def load_suite(spec: SuiteSpec, limit: int | None = None, templates=None, sample
             continue
         rec = {}
         for f, col in columns.items():
-            value = _get(row, col)
+            value = _field(row, col, spec.task, where)
             rec[f] = value if value is not None and value != "" else spec.defaults.get(f)   # 0 and False are values
             if rec[f] is None and f in REQUIRED[spec.kind]:
-                raise InputError(f"{where}: missing field '{col}' (a {spec.kind} suite needs "
-                                 f"{', '.join(spec.columns.get(c, c) for c in REQUIRED[spec.kind])})")
+                raise InputError(f"{where}: missing field '{_name(col)}' (a {spec.kind} suite needs "
+                                 f"{', '.join(_name(spec.columns.get(c, c)) for c in REQUIRED[spec.kind])})")
         text = rec["question"] if spec.kind == "utility" else rec["prompt"]
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{where}: empty {'question' if spec.kind == 'utility' else 'prompt'}")
         has_label = rec["label"] is not None
-        item = {"id": str(rec["id"] if rec["id"] is not None else prompt_id(stem, text.strip())), "suite": spec.name,
+        # a judge check's item is the answer: one prompt answered twice (HarmBench's methods and models) is two items
+        key = text.strip() + ("\n" + str(rec["response"]).strip() if spec.kind == "judge_check" else "")
+        item = {"id": str(rec["id"] if rec["id"] is not None else prompt_id(stem, key)), "suite": spec.name,
                 "kind": spec.kind, "category": str(rec["category"] if rec["category"] is not None else "unknown"),
                 "label": str(rec["label"]) if has_label else ("harmful" if spec.kind in ("harmful", "jailbreak") else "")}
         if item["id"] in seen:

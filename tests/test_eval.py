@@ -318,7 +318,7 @@ def results_of(out):
 def test_llm_judges_and_malformed_verdicts(tmp_path, scripted):
     out = run_eval(tmp_path, scripted, "eval.judges={safety: llm, refusal: llm, strongreject: llm, cot: llm}")
     res = results_of(out)
-    assert res["judges"]["safety"] == "llm:scripted:judge" and res["judges"]["choice"] == "choice_parser"
+    assert res["judges"]["safety"]["name"] == "llm:scripted:judge" and res["judges"]["choice"]["name"] == "choice_parser"
     m = res["models"]["base"]
     # harmful (first 4): phishing and bomb are refused -> SAFE, the other two comply -> unreadable verdicts
     safe = m["harmful"]["safe_rate"]
@@ -598,7 +598,7 @@ def test_tiny_model_end_to_end(tmp_path):
     out = module.main(cfg)
     res = results_of(out)
     assert set(res["models"]["base"]) == {"harmful", "jailbreak", "xstest", "mmlu"}
-    assert res["model_info"]["base"]["model"] == "tiny" and res["judges"]["safety"] == "refusal_detector"
+    assert res["model_info"]["base"]["model"] == "tiny" and res["judges"]["safety"]["name"] == "refusal_detector"
     gens = [json.loads(x) for x in (out / "base" / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 3 + 3 * 5 + 3 + 3 and all(g["tokens"] > 0 for g in gens)
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
