@@ -355,8 +355,6 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     if cfg.compare:
         return compare_runs(cfg, stage_dir(cfg, "05_eval"), overwrite)
     models = resolve_models(cfg) if cfg.models else {}
-    if isinstance(cfg.samples, bool) or not isinstance(cfg.samples, int) or cfg.samples < 1:
-        raise InputError(f"eval.samples: expected a whole number of answers per prompt >= 1, got {cfg.samples!r}")
     if cfg.judge_reasoning and cfg.judges.get("safety") in (None, "none", False):
         raise InputError("eval.judge_reasoning: the reasoning is read by the safety judge, and eval.judges.safety is none")
     greedy = [label for label, llm in models.items() if cfg.samples > 1 and not llm.temperature > 0]

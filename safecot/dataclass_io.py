@@ -32,10 +32,11 @@ def from_dict(cls: type, values: dict, where: str, source: str = "recipe") -> An
         obj = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: {where}: {e}") from e
-    for key in ("limit", "sample"):
+    for key in ("limit", "sample", "samples"):  # rows to take, or answers per prompt (eval.samples: never null)
         value = getattr(obj, key, None) if key in known else None
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{source}: '{where}.{key}' must be a positive number of rows or null (all), got {value!r}")
+            what = "number of answers per prompt" if key == "samples" else "number of rows or null (all)"
+            raise ConfigError(f"{source}: '{where}.{key}' must be a positive {what}, got {value!r}")
     if "run_name" in known and "runs_dir" in known:
         check_run_name(obj.run_name, obj.runs_dir, source)
     return obj
