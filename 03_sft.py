@@ -21,12 +21,19 @@ Hyperparameters are not published; the recipe's values are common QLoRA defaults
     python 03_sft.py --config configs/tiny.yaml run_name=tiny-og sft.source_run=tiny sft.dataset=sft_og
     python 03_sft.py --config configs/qwen2.5-7b.yaml
     accelerate launch --num_processes 2 03_sft.py --config configs/qwen2.5-7b.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 03_sft.py --config configs/tiny.yaml
 
-Writes data/runs/<run_name>/03_sft/: adapter/ (LoRA adapter and tokenizer), loss_preview.jsonl
+Several processes train one model together, one per GPU (the first command, on a machine with two),
+or on a CPU with the shipped config file (the second: its torchrun launcher, gloo); a plain
+`accelerate launch --cpu --num_processes 2` starts one process only. One process writes everything.
+
+Writes data/runs/<run_name>/03_sft/: adapter/ (LoRA adapter and tokenizer), merged/ (with `sft.export_merged`:
+base + adapter as one model in that dtype), loss_preview.jsonl
 (for the first 8 examples, the decoded text of exactly the tokens that carry loss), metrics.jsonl
 (one line per logging step: loss, learning rate, tokens/s, peak memory), checkpoints/ (rerunning the same
 command resumes from the last one; `sft.max_steps`/`sft.epochs` may be raised to train on) and
-manifest.json (the base model and adapter path that stage 4 and stage 5 load, planned and taken steps).
+manifest.json (the base model and adapter path that stage 4 and stage 5 load, planned and taken steps,
+world_size: the processes that trained).
 """
 from __future__ import annotations
 
@@ -129,9 +136,10 @@ def build_trainer(cfg: Config, out: Path, tokenizer, dataset):
 
 def main(cfg: Config, overwrite: bool = False) -> Path:
     from datasets import Dataset
+    training.check_settings(cfg, "sft")
     path, rows = load_examples(cfg)
     config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
-    if done_before(cfg, "03_sft", {cfg.dataset: (path, len(rows))}, config, training.RESUME_IGNORES):
+    if not overwrite and done_before(cfg, "03_sft", {cfg.dataset: (path, len(rows))}, config, training.RESUME_IGNORES):
         return stage_dir(cfg, "03_sft")  # trained before to the same steps on the same data
     tokenizer, fmt, tokenised, counts = tokenize(cfg, rows)
     counts["planned_steps"] = training.plan_steps("03_sft", len(tokenised), "examples", cfg.batch_size, cfg.grad_accum,
@@ -158,6 +166,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
             adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")
             manifest.data["model"] = {"base": base_model(cfg), "adapter": str(adapter), "chat_template": cfg.chat_template,
                                       "load_in_4bit": cfg.load_in_4bit, "dtype": cfg.dtype}
+            if cfg.export_merged:
+                manifest.data["model"]["merged"] = training.export_merged(base_model(cfg), adapter, out / "merged",
+                                                                          cfg.export_merged, cfg.load_in_4bit)
             manifest.data["resumed_from"] = resume
             manifest.output("metrics", out / "metrics.jsonl")
         st.finish(**counts, steps=trainer.state.global_step, train_loss=training.run_loss(result, resume, out / "metrics.jsonl"),

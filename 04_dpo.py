@@ -45,11 +45,13 @@ recipe's values are common ones.
     python 04_dpo.py --config configs/qwen2.5-7b.yaml dpo.method=grpo "dpo.judge={model: Qwen/Qwen2.5-7B-Instruct}" dpo.policies=data/policies/cases.yaml
     python 04_dpo.py --config configs/qwen2.5-7b.yaml
     accelerate launch --num_processes 2 04_dpo.py --config configs/qwen2.5-7b.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 04_dpo.py --config configs/tiny.yaml
 
 Writes data/runs/<run_name>/04_dpo/: adapter/ (the trained adapter: base + this adapter is the final
-model), metrics.jsonl (loss, rewards/accuracies and margins for DPO, rewards per function for GRPO,
-tokens/s, peak memory), checkpoints/ (rerunning resumes) and manifest.json (base_model, the planned
-and taken steps, the judge's counts).
+model), merged/ (with `dpo.export_merged`: that final model as one, in that dtype), metrics.jsonl
+(loss, rewards/accuracies and margins for DPO, rewards per function for GRPO, tokens/s, peak
+memory), checkpoints/ (rerunning resumes) and manifest.json (base_model, the planned and taken
+steps, the judge's counts, world_size: the processes that trained).
 """
 from __future__ import annotations
 
@@ -279,13 +281,14 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         LLMConfig().merged(cfg.judge)
         load_template("reward_judge", cfg.templates)
         load_policies(cfg.policies)
+    training.check_settings(cfg, "dpo")
     start = starting_point(cfg)
     path, rows = load_pairs(cfg) if cfg.method == "dpo" else load_prompts(cfg)
     # What this run trains from; a retrained SFT adapter is another starting point.
     inputs = {"pairs" if cfg.method == "dpo" else "prompts": (path, len(rows)),
               **({"start_adapter": (start["adapter"], None)} if start.get("adapter") else {})}
     config = {**asdict(cfg), "llm": {"model": cfg.llm.model}}  # the agents' sampling settings don't matter here
-    if done_before(cfg, "04_dpo", inputs, config, training.RESUME_IGNORES):
+    if not overwrite and done_before(cfg, "04_dpo", inputs, config, training.RESUME_IGNORES):
         return stage_dir(cfg, "04_dpo")  # trained before to the same steps from the same start
     tokenizer, rows, stats = prepare(cfg, start, rows)
     stats["planned_steps"] = training.plan_steps("04_dpo", len(rows), "pairs" if cfg.method == "dpo" else "prompts",
@@ -309,6 +312,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
             adapter = training.save_adapter(trainer.model, trainer.processing_class, out / "adapter")
             manifest.data["model"] = {"base": start["base"], "adapter": str(adapter), "sft_adapter": start["adapter"],
                                       "load_in_4bit": start.get("load_in_4bit", True), "dtype": start.get("dtype", "auto")}
+            if cfg.export_merged:  # the SFT adapter trained on: base + this adapter is the whole final model
+                manifest.data["model"]["merged"] = training.export_merged(start["base"], adapter, out / "merged",
+                                                                          cfg.export_merged, start.get("load_in_4bit", True))
             manifest.data["resumed_from"] = resume
             manifest.output("metrics", out / "metrics.jsonl")
         st.finish(**stats, method=cfg.method, steps=trainer.state.global_step,

@@ -100,7 +100,8 @@ def _run(section: str, cls: type, main, doc: str | None, argv: list[str] | None)
                  "or set runs_dir to a writable folder)")
     except KeyboardInterrupt:
         sys.exit("interrupted: finished records are saved; rerun the same command to continue")
-    print("\n".join(summary(Path(out), section, args)))
+    if int(os.environ.get("RANK", "0")) == 0:  # the other processes of `accelerate launch` wrote nothing to sum up
+        print("\n".join(summary(Path(out), section, args)))
 
 
 def _nonzero(value) -> bool:

@@ -1,10 +1,11 @@
 """QLoRA training machinery shared by stages 3 (SFT) and 4 (DPO / GRPO): the trainer settings both
-stages' Configs inherit (TrainerSettings: one flat set of recipe keys, written once), the LoRA
-settings, the 4-bit base plus adapter, CPU/GPU trainer defaults, the locked stage folder under
-`accelerate launch`, the tokenised SFT set with its assistant-only
+stages' Configs inherit (TrainerSettings: one flat set of recipe keys, written once, checked before
+any model loads), the LoRA settings, the 4-bit base plus adapter, CPU/GPU trainer defaults, the
+locked stage folder under `accelerate launch` (one process writes; the manifest's `world_size` says
+how many trained), the tokenised SFT set with its assistant-only
 loss mask (the mask itself is made by safecot/chat.py for any chat template), the truncation
 check, the planned number of optimiser steps (with a warning when they are too few), the metrics
-log, resume from the last checkpoint, and saving the adapter.
+log, resume from the last checkpoint, and saving the adapter (and, if asked, the merged model).
 """
 from __future__ import annotations
 
@@ -51,10 +52,14 @@ class TrainerSettings:
     gradient_checkpointing: bool = True  # recompute activations (GPU only): less memory, ~20% slower
     logging_steps: int = 10             # a metrics.jsonl line every N steps
     save_steps: int = 100               # a checkpoint every N steps (the last two are kept)
+    report_to: str | list = "none"      # live training curves besides metrics.jsonl: none | tensorboard | wandb (or a list)
+    export_merged: str | None = None    # also write merged/: base + adapter as one model in this dtype (float32 |
+                                        # bfloat16 | float16), a 4-bit base dequantised first; null: the adapter only
 
 
-# Raising the step budget (or logging more often) and rerunning carries on from the last checkpoint.
-RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps")
+# Raising the step budget (or logging more often) and rerunning carries on from the last checkpoint;
+# asking for a merged export or another reporter afterwards exports or reports without retraining.
+RESUME_IGNORES = ("epochs", "max_steps", "logging_steps", "save_steps", "report_to", "export_merged")
 
 
 def trainer_args(cfg, out: Path) -> dict:
@@ -65,7 +70,35 @@ def trainer_args(cfg, out: Path) -> dict:
                 gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
                 lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
                 num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, logging_steps=cfg.logging_steps,
-                save_steps=cfg.save_steps, logging_first_step=True, **trainer_defaults(gc))
+                save_steps=cfg.save_steps, logging_first_step=True, report_to=reporters(cfg.report_to),
+                run_name=f"{cfg.run_name}/{out.name}", **trainer_defaults(gc))
+
+
+# What each `report_to` needs installed (any one of the packages), as transformers' callbacks look for it.
+REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def reporters(report_to) -> list[str]:
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return [n for n in names if n != "none"]
+
+
+def check_settings(cfg, section: str) -> None:
+    """The trainer settings a typo or a missing package would otherwise break only after the model
+    has loaded (or, for report_to, after the first steps): one line naming the key, before anything loads."""
+    import importlib.util
+    names = [cfg.report_to] if isinstance(cfg.report_to, str) else cfg.report_to
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{section}.report_to must be none, tensorboard, wandb or a list of them, got {cfg.report_to!r}")
+    for name in reporters(names):
+        if name not in REPORTERS:
+            raise InputError(f"{section}.report_to: unknown '{name}' (known: none, {', '.join(REPORTERS)})")
+        if not any(importlib.util.find_spec(p) for p in REPORTERS[name]):
+            raise InputError(f"{section}.report_to={name}: the {REPORTERS[name][0]} package is not installed here "
+                             f"(pip install {REPORTERS[name][0]}, or set {section}.report_to=none)")
+    if cfg.export_merged is not None and cfg.export_merged not in DTYPES:
+        raise InputError(f"{section}.export_merged must be one of {', '.join(DTYPES)} or null, got {cfg.export_merged!r}")
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -114,8 +147,9 @@ def trainer_defaults(gradient_checkpointing: bool) -> dict:
         "optim": "paged_adamw_8bit" if gpu else "adamw_torch",
         "activation_checkpointing": gradient_checkpointing,
         "activation_checkpointing_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
-        "report_to": "none", "save_total_limit": 2, "include_num_input_tokens_seen": "non_padding",
-        "dataloader_num_workers": 0, "ddp_find_unused_parameters": False if gpu else None,
+        "save_total_limit": 2, "include_num_input_tokens_seen": "non_padding",
+        # Every LoRA weight takes part in every forward pass: DDP need not search the graph for unused ones.
+        "dataloader_num_workers": 0, "ddp_find_unused_parameters": False,
         # No tqdm bar: it wrote each log as a raw dict between two redraws of the bar. metrics_logger
         # prints one line per logging step instead (train_resuming drops the Trainer's PrinterCallback).
         "disable_tqdm": True,
@@ -126,8 +160,17 @@ MIN_STEPS = 100                         # fewer optimiser steps than this barely
 
 
 def processes() -> int:
-    """Processes training together (`accelerate launch --num_processes N` sets WORLD_SIZE)."""
+    """Processes training together (`accelerate launch --num_processes N` and torchrun set WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed_state():
+    """accelerate's PartialState for this launch, which joins the processes' group (gloo on a CPU,
+    nccl on GPUs). On a machine without a GPU it must be asked for with cpu=True: otherwise each of
+    torchrun's processes takes itself for the only one (DistributedType.NO), with no barrier between
+    them, while the Trainer later joins them for training."""
+    from accelerate import PartialState
+    return PartialState(cpu=not on_gpu())
 
 
 def planned_steps(rows: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None = None,
@@ -217,7 +260,7 @@ def train_resuming(trainer, checkpoints: Path):
     from transformers import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # metrics_logger prints each logging step, once, for people
     resume = last_checkpoint(checkpoints)
-    if resume:
+    if resume and is_main_process():
         print(f"resuming from {resume}")
     return trainer.train(resume_from_checkpoint=resume), resume
 
@@ -246,13 +289,20 @@ def is_main_process() -> bool:
 @contextmanager
 def open_stage(cfg, stage: str, overwrite: bool, config: dict, resume_ignores: tuple = RESUME_IGNORES):
     """safecot.stage.open_stage under `accelerate launch`: only the main process locks the folder,
-    clears it (--overwrite) and writes the manifest; the others wait for it, then get manifest None."""
-    from accelerate import PartialState
+    clears it (--overwrite) and writes the manifest, which records how many processes trained
+    (`world_size`); the others wait for it, then get manifest None and print no progress bars."""
     from . import stage as stages
+    state = distributed_state()
+    if not state.is_main_process:
+        from datasets.utils.logging import disable_progress_bar
+        from transformers.utils.logging import disable_progress_bar as disable_loading_bars
+        disable_progress_bar()
+        disable_loading_bars()
     with ExitStack() as held:
-        with PartialState().main_process_first():
+        with state.main_process_first():
             st = held.enter_context(stages.open_stage(cfg, stage, overwrite, config, resume_ignores,
-                                                      main_process=is_main_process()))
+                                                      main_process=state.is_main_process))
+        st.record.data["world_size"] = state.num_processes
         yield st
 
 
@@ -262,6 +312,21 @@ def save_adapter(model, tokenizer, out: Path) -> Path:
     model.save_pretrained(str(out), selected_adapters=["default"])
     tokenizer.save_pretrained(str(out))
     return out
+
+
+def export_merged(base: str, adapter: Path, out: Path, dtype: str, load_in_4bit: bool) -> dict:
+    """base + adapter as one plain model in `dtype` (peft's merge_and_unload), with the adapter's
+    tokenizer, loadable without peft. A 4-bit base is merged as the adapter was trained and is
+    evaluated: on its nf4 weights, dequantised into `dtype`, not on the original weights, which
+    differ from them by the quantisation error the adapter learnt around."""
+    from .models import load_model, load_tokenizer, torch_dtype
+    model = load_model(base, load_in_4bit=load_in_4bit, dtype=dtype)
+    if load_in_4bit:
+        model = model.dequantize(dtype=torch_dtype(dtype))
+    model = load_adapter(model, adapter, trainable=False).merge_and_unload()
+    model.to(torch_dtype(dtype)).save_pretrained(str(out))
+    load_tokenizer(str(adapter)).save_pretrained(str(out))
+    return {"path": str(out), "dtype": dtype, "base_weights": "nf4, dequantised" if load_in_4bit else "as loaded"}
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -371,10 +436,10 @@ def tokenize_sft(fmt, rows: list[dict], max_length: int | None, where: str = "da
         out.append({"id": row["id"], **enc})
     truncated = sum(n > max_length for n in lengths) if max_length else 0
     check_truncation(lengths, truncated, max_length, where)
-    if truncated:
+    if truncated and is_main_process():
         print(f"warning: max_length={max_length} truncates {truncated} of {len(rows)} examples "
               f"({dropped} dropped: no assistant token left)")
-    if merged:
+    if merged and is_main_process():
         print(f"note: in {merged} of {len(rows)} examples the chat template's text merges into one token across the "
               "start of the assistant turn; prompt and answer were tokenised apart, as at inference, so none is learnt")
     return out, {"examples": len(rows), "truncated": truncated, "dropped_no_assistant_tokens": dropped,

@@ -51,7 +51,7 @@ def commands() -> list[list[str]]:
     found = []
     for text in texts:
         for line in text.splitlines():
-            m = re.search(r"(?:python|\.venv/bin/python|accelerate launch [^ ]+ \d+) (0\d_\w+\.py .*)$", line.strip().strip("`"))
+            m = re.search(r"(?:python|\.venv/bin/python|(?:accelerate launch|torchrun)(?: --\S+ \S+)+) (0\d_\w+\.py .*)$", line.strip().strip("`"))
             if m:
                 found.append(shlex.split(m.group(1).split("`")[0]))
     return found

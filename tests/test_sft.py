@@ -209,4 +209,47 @@ def test_sft_og_baseline_trains_in_its_own_run_on_another_runs_stage2(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["source_run"] == "tiny" and manifest["inputs"]["sft_og"]["rows"] == 8
     assert manifest["counts"]["planned_steps"] == manifest["counts"]["steps"] == 1  # half of 2 batches of 4
+    assert manifest["world_size"] == 1  # trained by this process alone (tests/test_multiprocess.py: by two)
     assert not (tmp_path / "tiny" / "03_sft").exists()
+
+
+def test_report_to_is_checked_before_any_model_loads(tmp_path, monkeypatch):
+    """A reporter whose package is missing, or one not known, stops the stage in one line before the
+    model loads (the Trainer itself would fail only once the model is loaded and training starts)."""
+    import importlib.util
+    from safecot import training
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    monkeypatch.setattr(training, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
+    write_stage2(tmp_path)
+    for value, match in (("tensorboard", "sft.report_to=tensorboard: the tensorboard package is not installed here"),
+                         ("[none, mlflow]", "sft.report_to: unknown 'mlflow' \\(known: none, tensorboard, wandb\\)"),
+                         ("3", "sft.report_to must be none, tensorboard, wandb or a list of them, got 3")):
+        module, cfg = make_config("03_sft", "sft", tmp_path, *FAST, "sft.max_steps=1", f"sft.report_to={value}")
+        with pytest.raises(InputError, match=match):
+            module.main(cfg)
+    assert not (tmp_path / "tiny" / "03_sft").exists()
+
+
+def test_report_to_reaches_the_trainer(tmp_path, monkeypatch):
+    import importlib.util
+    from safecot import training
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: real("yaml") if name == "tensorboard" else real(name, *a))
+    module, cfg = make_config("03_sft", "sft", tmp_path, "sft.report_to=[tensorboard, none]")
+    training.check_settings(cfg, "sft")  # installed (as far as it can tell): no error
+    assert training.trainer_args(cfg, tmp_path / "03_sft")["report_to"] == ["tensorboard"]
+    module, cfg = make_config("03_sft", "sft", tmp_path)
+    assert training.trainer_args(cfg, tmp_path / "03_sft")["report_to"] == []  # none by default
+
+
+def test_overwrite_retrains_a_finished_stage(tmp_path):
+    """--overwrite starts a finished stage over, rather than finding it done and keeping it."""
+    write_stage2(tmp_path)
+    module, cfg = make_config("03_sft", "sft", tmp_path, *FAST, "sft.max_steps=1")
+    out = module.main(cfg)
+    (out / "stale.txt").write_text("from an earlier run")
+    module.main(cfg, overwrite=True)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "manifest.json").read_text())["sessions"] == 1
