@@ -86,11 +86,12 @@ from safecot.aidsafe_format import export_csv, import_records
 from safecot.backends import Agent, LLMConfig
 from safecot.chat import SFT_FORMAT
 from safecot.grading import CRITERIA, grade_chat, paired_quality, read_grades
-from safecot.judges import REFUSAL_PATTERNS, detect_refusal, parse_safety
+from safecot.guards import GUARDS, GuardJudge, guard_config
+from safecot.judges import REFUSAL_PATTERNS, detect_refusal, judge_kind, parse_safety
 from safecot.parsing import as_list, intents_text, items, json_object, parse_cot, parse_refinement, parse_review, sections
 from safecot.prompt_sets import LABELS
 from safecot.records import InputError, RecordWriter, read_records, require_complete, write_jsonl
-from safecot.scheduler import Request
+from safecot.scheduler import Request, together
 from safecot.stage import open_stage, run_cli, seed_agents
 from safecot.stance import disagreement
 from safecot.templates import load_policies, load_template
@@ -133,11 +134,19 @@ class Config:
     grader: dict = field(default_factory=lambda: {"temperature": 0.0})
     plain: dict = field(default_factory=dict)
     whisperer: dict = field(default_factory=lambda: {"temperature": 1.0})
-    belief_judge: dict | None = None    # the safety judge ranking beliefs (judge_safety.txt): LLM overrides; null: the grader's
+    belief_judge: dict | str | None = None  # the safety judge ranking beliefs: a guard (shieldgemma, as the paper; {kind: shieldgemma, <LLM settings>}), LLM overrides (judge_safety.txt), or null: the grader's
 
     def belief_judge_llm(self) -> LLMConfig:
-        """The belief judge's LLM: its own overrides over `llm`, else the grader's."""
-        return self.llm.merged(self.grader if self.belief_judge is None else self.belief_judge)
+        """The belief judge's LLM: a guard's own model, or its overrides over `llm`, else the grader's."""
+        kind, overrides = judge_kind(self.belief_judge if self.belief_judge is not None else "llm")
+        if kind in GUARDS:
+            return guard_config(GUARDS[kind], self.llm, overrides)
+        return self.llm.merged(self.grader if self.belief_judge is None else overrides)
+
+    def belief_guard(self) -> str | None:
+        """The guard kind ranking beliefs, or None for an LLM judge."""
+        kind = judge_kind(self.belief_judge)[0] if self.belief_judge is not None else "llm"
+        return kind if kind in GUARDS else None
 
     def __post_init__(self):
         if self.og_source not in ("auto", "dataset", "generated"):
@@ -146,6 +155,11 @@ class Config:
             raise ValueError(f"refine.og_response must be first or safe, got {self.og_response!r}")
         if self.pairs not in ("belief", "sampled", "reflection"):
             raise ValueError(f"refine.pairs must be belief, sampled or reflection, got {self.pairs!r}")
+        if self.belief_judge is not None:
+            kind = judge_kind(self.belief_judge)[0]
+            if kind != "llm" and "safety" not in getattr(GUARDS.get(kind), "tasks", ()):
+                raise ValueError(f"refine.belief_judge: {kind!r} cannot judge safety (a guard: "
+                                 f"{', '.join(k for k, g in GUARDS.items() if 'safety' in g.tasks)}; or LLM overrides)")
         if not isinstance(self.reflection_labels, list) or set(self.reflection_labels) - {*LABELS, "unknown"}:
             raise ValueError(f"refine.reflection_labels must be a list of {', '.join(LABELS)}, unknown; got {self.reflection_labels!r}")
         if self.reflection_rejected not in ("late", "never"):
@@ -295,11 +309,16 @@ def unsafe_rates(beliefs: list[str], probes: list[dict], cfg, agents: dict, tpl:
                           tpl["belief_cot"].schema, "belief_probe") for b, r in jobs]
     answered = [(b, r, cot[1]) for (b, r), g, cot in zip(jobs, gens, (parse_cot(g.text) for g in gens))
                 if cot[2] and not cut_off(g, cfg) and not g.error]
-    verdicts = yield [Request(agents["belief_judge"], tpl["judge_safety"].chat(prompt=r["prompt"], answer=a, policies=policies),
+    judge = agents["belief_judge"]
+    if isinstance(judge, GuardJudge):  # a guard classifier in its own format (ShieldGemma: p(Yes) < 0.5 is safe)
+        verdicts = yield from together([judge.verdict({"prompt": r["prompt"], "answer": a}) for _, r, a in answered])
+        flags = [v.get("safe") for v in verdicts]
+    else:
+        gens = yield [Request(judge, tpl["judge_safety"].chat(prompt=r["prompt"], answer=a, policies=policies),
                               tpl["judge_safety"].schema, "belief_judge") for _, r, a in answered]
+        flags = [None if v.error or cut_off(v, cfg) else parse_safety(v.text) for v in gens]
     unsafe: dict[str, list[bool]] = {}
-    for (b, _, _), v in zip(answered, verdicts):
-        safe = None if v.error or cut_off(v, cfg) else parse_safety(v.text)
+    for (b, _, _), safe in zip(answered, flags):
         if safe is not None:
             unsafe.setdefault(b, []).append(not safe)
     return [round(sum(unsafe[b]) / len(unsafe[b]), 3) if b in unsafe else None for b in beliefs]
@@ -656,7 +675,9 @@ def main(cfg: Config, overwrite: bool = False):
                   "plain": Agent("plain_responder", cfg.llm.merged(cfg.plain)),
                   "whisperer": Agent("ear_whisperer", cfg.llm.merged(cfg.whisperer)),
                   "sampler": Agent("sampler", cfg.llm)}  # the sampled pairs: the generator as it is, at its temperature
-        agents["belief_judge"] = Agent("belief_judge", cfg.belief_judge_llm())  # shares the grader's model unless named
+        guard = cfg.belief_guard()  # shares the grader's model unless named
+        agents["belief_judge"] = (GuardJudge("safety", guard, cfg.belief_judge_llm(), step="belief_judge") if guard
+                                  else Agent("belief_judge", cfg.belief_judge_llm()))
         seed_agents(cfg.seed, agents.values())
         # The grades filter the training rows and pick the pairs: a generator grading its own CoTs is
         # lenient with them, so a separate grader (refine.grader: {model: ...}) is recorded as such.

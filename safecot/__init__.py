@@ -10,7 +10,9 @@
 - parsing:   lenient parsing of agent outputs
 - prompt_sets: prompt sets from JSONL/CSV files or Hub datasets
 - suites:    stage 5's evaluation suites (offline sets, Hub benchmarks, user files)
+- evaluation: stage 5's answers and verdicts on the scheduler, each answer judged as soon as it exists, and their caches
 - judges:    stage 5's judges (safety, refusal, StrongREJECT, CoT) and the offline refusal detector
+- guards:    the field's safety classifiers (Llama Guard 3, WildGuard, HarmBench, StrongREJECT, ShieldGemma) as judges
 - metrics:   rates and means with bootstrap confidence intervals, overall and per category
 - reports:   the comparison table (Markdown, CSV) and its figures, the notebooks' RUN_DIR
 - stage:     what every stage main shares: command line, locked folder, manifest, reruns, summary
@@ -20,6 +22,7 @@
 - rewards:   GRPO's reward functions (stage 4, CADA)
 - experiments: a paper's arms run by the stage scripts, one command (`make reproduce`)
 - papers:    a paper's main table from stage 5's results, its reported figures beside ours
+- hub:       the optional push of an adapter or stage 2's AIDSAFE-format data to the Hub, with a card from the manifest
 """
 
 # Installs models.py's filter for bitsandbytes' CPU-kernel notice before anything can import

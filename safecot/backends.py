@@ -88,6 +88,7 @@ class Generation:
     tokens: int = 0                     # generated tokens, for throughput figures
     error: str | None = None            # set when the request failed after its retries
     truncated: bool = False             # stopped at max_new_tokens, not at the end of its turn
+    scores: dict | None = None          # completions with candidates: log-probability of each candidate as the first token
 
 
 class BackendError(RuntimeError):
@@ -170,6 +171,26 @@ class Backend:
         """`schema`: the JSON schema of the role's answer (or a list, one per chat); decoding
         follows it only when `cfg.structured` is set (else it is ignored)."""
         raise NotImplementedError
+
+    def complete(self, prompts: list[str], cfg: LLMConfig, candidates: tuple[str, ...] | None = None,
+                 special_tokens: bool = True) -> list[Generation]:
+        """Raw-text completions, no chat template: the guard classifiers' prompts are whole
+        documents, special tokens included, exactly as their model cards write them.
+        `special_tokens`: let the tokenizer add its own (BOS) in front, as `tokenizer(prompt)` does;
+        False for a prompt that writes its BOS itself. With `candidates` (answer tokens such as
+        "Yes"/"No" or "1".."5") each Generation's `scores` holds their log-probabilities as the
+        first generated token (a candidate the model does not rank is missing from it)."""
+        raise NotImplementedError(f"backend {type(self).__name__} has no raw completions")
+
+    def clip(self, text: str, max_tokens: int) -> tuple[str, bool]:
+        """`text` cut to its first `max_tokens` tokens of this model's tokenizer (HarmBench and
+        StrongREJECT clip the answer they judge so) -> (text, exact). Without the tokenizer, about
+        4 characters a token, and exact is False."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            return (text if len(text) <= 4 * max_tokens else text[:4 * max_tokens]), False
+        ids = tokenizer(text, max_length=max_tokens, truncation=True, add_special_tokens=False)["input_ids"]
+        return (text if len(ids) < max_tokens else tokenizer.decode(ids)), True
 
 
 class HFBackend(Backend):
@@ -297,6 +318,47 @@ class HFBackend(Backend):
         return results
 
 
+    def complete(self, prompts, cfg, candidates=None, special_tokens=True):
+        import torch
+        self.calls += 1
+        ids = [self.tokenizer(p, add_special_tokens=special_tokens)["input_ids"] for p in prompts]
+        wanted = {c: candidate_id(self.tokenizer, c) for c in candidates or ()}
+        results: list[Generation | None] = [None] * len(prompts)
+        for i, row in enumerate(ids):
+            if self.context and len(row) + cfg.max_new_tokens > self.context:
+                results[i] = Generation("", 0, error=f"context: prompt of {len(row)} tokens + {cfg.max_new_tokens} new "
+                                                     f"> {self.context}")
+        order = sorted((i for i in range(len(prompts)) if results[i] is None), key=lambda i: -len(ids[i]))
+        pad = self.tokenizer.pad_token_id
+        for idx in batched(order, cfg.batch_size):
+            with torch.inference_mode():
+                inputs = self._batch_inputs([ids[i] for i in idx], cfg.share_prefix, cfg.max_new_tokens)
+                out = self.model.generate(
+                    **inputs, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                    temperature=cfg.temperature if cfg.temperature > 0 else None,
+                    top_p=cfg.top_p if cfg.temperature > 0 else None, pad_token_id=pad, disable_compile=True,
+                    output_logits=bool(wanted), return_dict_in_generate=True)
+            new = out.sequences[:, inputs["input_ids"].shape[1]:]
+            first = torch.log_softmax(out.logits[0].float(), dim=-1) if wanted else None  # the raw logits, before sampling
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            for r, (i, text, row) in enumerate(zip(idx, texts, new.tolist())):
+                scores = {c: float(first[r, t]) for c, t in wanted.items() if t is not None} if wanted else None
+                stopped = any(t in self.stop_ids for t in row)
+                results[i] = Generation(text.strip(), sum(t != pad for t in row), truncated=not stopped and not wanted,
+                                        scores=scores)
+        return results
+
+
+def candidate_id(tokenizer, text: str) -> int | None:
+    """The one token `text` is, as the classifiers' own code looks it up (`tokenizer.vocab["Yes"]`),
+    else the first token it encodes to; None if it has none."""
+    vocab = tokenizer.get_vocab()
+    if text in vocab:
+        return vocab[text]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if ids else None
+
+
 class GrammarMask:
     """A transformers logits processor that keeps each row of a batch inside its own grammar
     (None: unconstrained), as xgr.contrib.hf.LogitsProcessor does, but with rows that have no
@@ -347,6 +409,9 @@ def common_prefix_len(rows: list[list[int]]) -> int:
     while n < limit and all(r[n] == first[n] for r in rows):
         n += 1
     return n
+
+
+TOP_LOGPROBS = 20                       # openai completions: alternatives per position (OpenAI's maximum, vLLM's default cap)
 
 
 class OpenAIBackend(Backend):
@@ -405,6 +470,41 @@ class OpenAIBackend(Backend):
         return self.client.chat.completions.create(
             model=self.model, messages=chat, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
             **extra)
+
+    def _complete_one(self, prompt: str, cfg: LLMConfig, candidates, special_tokens: bool) -> Generation:
+        try:
+            extra = {"logprobs": TOP_LOGPROBS} if candidates else {}
+            # vLLM's completions take `add_special_tokens` (default true: a BOS in front)
+            body = {} if special_tokens else {"add_special_tokens": False}
+            r = self.client.completions.create(model=self.model, prompt=prompt, temperature=cfg.temperature,
+                                               top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, extra_body=body or None,
+                                               **extra)
+            choice = r.choices[0]
+            scores = None
+            if candidates:
+                top = (choice.logprobs.top_logprobs or [{}])[0] if choice.logprobs else {}
+                scores = {c: float(top[c]) for c in candidates if c in (top or {})}
+            tokens = r.usage.completion_tokens if getattr(r, "usage", None) else 0
+            return Generation((choice.text or "").strip(), tokens, truncated=choice.finish_reason == "length" and not candidates,
+                              scores=scores)
+        except (self.openai.OpenAIError, ValueError, AttributeError, IndexError, TypeError, KeyError) as e:
+            return Generation("", 0, error=self.failure(e))
+
+    def complete(self, prompts, cfg, candidates=None, special_tokens=True):
+        self.calls += 1
+        with ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrency)) as pool:
+            futures = [pool.submit(self._complete_one, p, cfg, candidates, special_tokens) for p in prompts]
+            return [f.result() for f in futures]
+
+    def clip(self, text, max_tokens):
+        # the served model's tokenizer where it can be read without the Hub (a local folder, the HF cache)
+        if not hasattr(self, "tokenizer"):
+            try:
+                from transformers import AutoTokenizer
+                self.tokenizer = AutoTokenizer.from_pretrained(self.model, local_files_only=True)
+            except Exception:  # noqa: BLE001 - any failure means: no tokenizer here
+                self.tokenizer = None
+        return super().clip(text, max_tokens)
 
     def generate(self, chats, cfg, schema=None):
         self.calls += 1
@@ -473,24 +573,42 @@ def get_backend(cfg: LLMConfig) -> Backend:
 
 
 def release_backends() -> None:
-    """Forget loaded models (tests, and stages that load a model of their own for training)."""
+    """Forget loaded models (tests, and stages that load a model of their own for training): no
+    Agent keeps a reference of its own, so their memory is freed and the next use loads again."""
     _LOADED.clear()
 
 
 class Agent:
-    """A role in the method (intent decomposer, deliberator, judge...) bound to an LLM."""
+    """A role in the method (intent decomposer, deliberator, judge...) bound to an LLM. Its model
+    loads when the agent is made (a missing model stops the stage before anything runs), or with
+    `lazy` at its first request: stage 5 makes every judge up front, but loads a judge that runs
+    in-process only once the models under test are released, and one judge at a time."""
 
-    def __init__(self, role: str, cfg: LLMConfig):
+    def __init__(self, role: str, cfg: LLMConfig, lazy: bool = False):
         self.role, self.cfg = role, cfg
-        self.backend = get_backend(cfg)
         self.label = f"{cfg.backend}:{cfg.model}"
+        if not lazy:
+            get_backend(cfg)
+
+    @property
+    def backend(self) -> Backend:
+        return get_backend(self.cfg)
 
     def __call__(self, chats: list[Chat], schema: dict | None = None) -> list[Generation]:
         """`schema`: the JSON schema of this role's answer (Template.schema), or one per chat; the
         backend constrains decoding with it when `cfg.structured` is set."""
         if not chats:
             return []
-        gens = self.backend.generate(chats, self.cfg, schema=schema)
+        return self._checked(self.backend.generate(chats, self.cfg, schema=schema))
+
+    def complete(self, prompts: list[str], candidates: tuple[str, ...] | None = None,
+                 special_tokens: bool = True) -> list[Generation]:
+        """Raw-text completions (Backend.complete): the guard classifiers' prompts."""
+        if not prompts:
+            return []
+        return self._checked(self.backend.complete(prompts, self.cfg, candidates, special_tokens))
+
+    def _checked(self, gens: list[Generation]) -> list[Generation]:
         if all(g.error for g in gens) and not all(error_kind(g.error) in PER_PROMPT for g in gens):
             raise BackendError(f"{self.role} ({self.label}): all {len(gens)} requests failed; first: {gens[0].error}")
         return gens

@@ -10,6 +10,10 @@ Tasks (what is judged) and the judges that can do them:
 | cot | AIDSAFE's six 1-5 CoT criteria on the model's own reasoning | none | grade_cot.txt (safecot.grading) |
 | choice | multiple-choice letter and whether it is correct | choice parser | none |
 
+Besides these, the field's classifiers judge with their own official prompts and output formats
+(safecot/guards.py: `llamaguard3`, `wildguard`, `harmbench`, `harmbench_mistral`, `strongreject`,
+`shieldgemma`); a task's spec is a kind's name or `{kind: ..., <LLM settings>}` (`judge_kind`).
+
 With `llm.structured` an LLM judge answers with its template's JSON object instead
 (judge_safety.schema.json ...); the parsers read both.
 
@@ -419,7 +423,7 @@ class LLMJudge(Judge):
 
     def __init__(self, task: str, cfg: LLMConfig, policies: str, templates=None):
         self.task, self.policies = task, policies
-        self.agent = Agent(f"judge_{task}", cfg)
+        self.agent = Agent(f"judge_{task}", cfg, lazy=True)
         self.agents = (self.agent,)
         self.name = f"llm:{self.agent.label}"
         self.tpl = load_template(self.TEMPLATES[task], templates)
@@ -455,28 +459,74 @@ class LLMJudge(Judge):
         return {"judge": self.name, **v, "raw": gen.text}
 
 
+def judge_kind(spec) -> tuple[str, dict]:
+    """A task's judge spec -> (kind, LLM overrides): `none`, `detector`, `llm`, a guard kind's
+    name (safecot/guards.py), or a mapping (`{kind: wildguard, model: ..., base_url: ...}`; a
+    mapping without `kind` is LLM overrides for the `llm` judge)."""
+    if spec in (None, "none", False):
+        return "none", {}
+    if isinstance(spec, dict):
+        rest = {k: v for k, v in spec.items() if k != "kind"}
+        return str(spec.get("kind", "llm")), rest
+    return str(spec), {}
+
+
 def check_judges(judges: dict, templates=None) -> None:
-    """Refuse unknown tasks and judge specs before anything is generated; with `templates` (a
-    folder), load the template of every LLM judge too, so a broken one stops before any model loads."""
+    """Refuse unknown tasks, kinds and tasks a kind cannot judge before anything is generated; with
+    `templates` (a folder), load the template of every LLM judge and guard too, so a broken one
+    stops before any model loads."""
+    from .guards import GUARDS, load_guard_template
+    kinds = ("detector", "llm", "none", *GUARDS)
     for task, spec in judges.items():
         if task not in TASKS:
             raise InputError(f"eval.judges: unknown task '{task}' (known: {', '.join(TASKS)})")
-        if spec == "detector" and task == "cot":
+        if spec not in (None, False) and not isinstance(spec, (str, dict)):
+            raise InputError(f"eval.judges.{task}: expected one of {', '.join(kinds)} or a mapping {{kind: ..., "
+                             f"<LLM settings>}}, got {spec!r}")
+        kind, overrides = judge_kind(spec)
+        if kind not in kinds:
+            raise InputError(f"eval.judges.{task}: unknown judge kind {kind!r} (known: {', '.join(kinds)})")
+        if kind == "detector" and task == "cot":
             raise InputError("eval.judges.cot: the refusal detector cannot grade reasoning; use llm or none")
-        if spec not in (None, "none", False, "detector", "llm") and not isinstance(spec, dict):
-            raise InputError(f"eval.judges.{task}: expected detector, llm, none or a mapping of LLM settings, got {spec!r}")
-        if templates is not None and (spec == "llm" or isinstance(spec, dict)):
+        if kind in GUARDS and task not in GUARDS[kind].tasks:
+            able = [k for k, g in GUARDS.items() if task in g.tasks]
+            raise InputError(f"eval.judges.{task}: {kind} does not judge {task} (it judges {', '.join(GUARDS[kind].tasks)}); "
+                             f"for {task} use llm{''.join(', ' + k for k in able)}" + ("" if task == "cot" else " or detector"))
+        if overrides and kind not in ("llm", *GUARDS):
+            raise InputError(f"eval.judges.{task}: {kind} takes no settings, got {sorted(overrides)}")
+        if overrides:
+            try:  # unknown LLM settings fail here, with the key named
+                LLMConfig().merged(overrides)
+            except (InputError, ValueError) as e:
+                raise InputError(f"eval.judges.{task}: {e}") from None
+        if templates is not None and kind == "llm":
             load_template(LLMJudge.TEMPLATES[task], templates)
+        if templates is not None and kind in GUARDS:  # always the official text, whatever eval.judge_templates says
+            load_guard_template(GUARDS[kind])
 
 
 def make_judge(task: str, spec, llm: LLMConfig, policies: str, templates=None) -> Judge | None:
-    """spec: `detector`, `none`/None, `llm` (the judge LLM), or a dict of LLM overrides."""
+    """spec: see `judge_kind`. `llm` is the judge LLM (eval.judge over eval.llm): an `llm` judge
+    is it with the spec's overrides; a guard runs its own model, loaded like `llm`'s."""
+    from .guards import GUARDS, GuardJudge, guard_config
     check_judges({task: spec})
-    if spec in (None, "none", False):
+    kind, overrides = judge_kind(spec)
+    if kind == "none":
         return None
-    if spec == "detector":
+    if kind == "detector":
         return DetectorJudge(task)
-    return LLMJudge(task, llm.merged(spec if isinstance(spec, dict) else None), policies, templates)
+    if kind in GUARDS:
+        return GuardJudge(task, kind, guard_config(GUARDS[kind], llm, overrides))
+    return LLMJudge(task, llm.merged(overrides or None), policies, templates)
+
+
+def judge_model(spec, llm: LLMConfig) -> str | None:
+    """The model a task's judge runs (None for rule-based judges): for the self-judging check."""
+    from .guards import GUARDS, guard_config
+    kind, overrides = judge_kind(spec)
+    if kind == "llm":
+        return llm.merged(overrides or None).model
+    return guard_config(GUARDS[kind], llm, overrides).model if kind in GUARDS else None
 
 
 def judge_slug(name: str) -> str:

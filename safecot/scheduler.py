@@ -52,9 +52,18 @@ from .chat import Chat
 @dataclass
 class Request:
     agent: Agent
-    chat: Chat
+    chat: Chat | None
     schema: dict | None = None          # the JSON schema of the answer (Template.schema)
     step: str = ""                      # the method's step: timings, and batches of one step
+    prompt: str | None = None           # a raw-text completion instead of a chat (the guard classifiers)
+    candidates: tuple | None = None     # raw: answer tokens whose first-token log-probabilities come back
+    special_tokens: bool = True         # raw: the tokenizer adds its BOS (False: the prompt writes its own)
+
+    def send(self, requests: list["Request"]) -> list[Generation]:
+        """One backend call for this request and others like it (same agent, same kind)."""
+        if self.prompt is not None:
+            return self.agent.complete([r.prompt for r in requests], self.candidates, self.special_tokens)
+        return self.agent([r.chat for r in requests], schema=[r.schema for r in requests])
 
 
 @dataclass
@@ -121,18 +130,22 @@ def pool_size(records: int, agents: Iterable[Agent]) -> int:
     return max([records] + [2 * a.cfg.max_concurrency for a in agents if concurrent(a)])
 
 
-def _timed(agent: Agent, chats: list[Chat], schema: list) -> tuple[list[Generation], float]:
+def _timed(requests: list[Request]) -> tuple[list[Generation], float]:
     t0 = time.perf_counter()
-    gens = agent(chats, schema=schema)
+    gens = requests[0].send(requests)
     return gens, time.perf_counter() - t0
 
 
-def _one(agent: Agent, chat: Chat, schema: dict | None) -> tuple[list[Generation], float]:
+def _one(req: Request) -> tuple[list[Generation], float]:
     """One openai request; its failure is the record's, not the run's (see `_Pools.check`). Asked of
     the backend itself: `Agent` would raise on a call of one failed request."""
     t0 = time.perf_counter()
+    agent = req.agent
     try:
-        gens = agent.backend.generate([chat], agent.cfg, schema=schema)
+        if req.prompt is not None:
+            gens = agent.backend.complete([req.prompt], agent.cfg, req.candidates, req.special_tokens)
+        else:
+            gens = agent.backend.generate([req.chat], agent.cfg, schema=req.schema)
     except BackendError as e:
         gens = [Generation("", 0, error=str(e))]
     return gens, time.perf_counter() - t0
@@ -153,7 +166,7 @@ class _Pools:
             self.pools[key] = ThreadPoolExecutor(max_workers=max(1, req.agent.cfg.max_concurrency),
                                                  thread_name_prefix=f"scheduler-{req.agent.role}")
             self.results[key] = [0, 0]
-        return self.pools[key].submit(_one, req.agent, req.chat, req.schema)
+        return self.pools[key].submit(_one, req)
 
     def check(self, req: Request, gen: Generation) -> None:
         """A server that is down, or does not serve the model, fails every request: stop the run
@@ -174,7 +187,8 @@ def _batch_key(req: Request, keys: dict) -> tuple:
     agent = req.agent
     if id(agent) not in keys:
         keys[id(agent)] = (id(agent.backend), json.dumps(asdict(agent.cfg), sort_keys=True, default=str))
-    return (*keys[id(agent)], req.step)
+    raw = None if req.prompt is None else (req.candidates, req.special_tokens)  # a chat and a raw prompt never share a call
+    return (*keys[id(agent)], req.step, raw)
 
 
 def run(items: Iterable[dict], method: Method, on_done: Callable[[object], bool | None], max_records: int,
@@ -238,7 +252,7 @@ def run(items: Iterable[dict], method: Method, on_done: Callable[[object], bool 
                     groups.setdefault(_batch_key(entry[2], keys), []).append(entry)
                 for group in groups.values():
                     first = group[0][2]
-                    gens, seconds = _timed(first.agent, [req.chat for _, _, req in group], [req.schema for _, _, req in group])
+                    gens, seconds = _timed([req for _, _, req in group])
                     usage.add(first.step, gens, seconds)
                     for (join, key, _), g in zip(group, gens):
                         answered(join, key, g)
@@ -255,6 +269,44 @@ def run(items: Iterable[dict], method: Method, on_done: Callable[[object], bool 
     finally:
         pools.close()
     return usage
+
+
+def together(steps: list[Generator] | dict[str, Generator]):
+    """Several sub-steps of one method at once (`results = yield from together([...])`): each
+    step's requests of a round go out in one yield, so a judge that asks one request per harm
+    type, or the verdicts of every judge of one answer, do not wait for each other. -> each step's
+    return value, in order (a dict of steps: {name: its return value})."""
+    if isinstance(steps, dict):
+        names = list(steps)
+        values = yield from together([steps[n] for n in names])
+        return dict(zip(names, values))
+    results: list = [None] * len(steps)
+    asked: dict[int, Yielded] = {}
+    for i, step in enumerate(steps):
+        try:
+            asked[i] = step.send(None)
+        except StopIteration as stop:
+            results[i] = stop.value
+    while asked:
+        flat, where = [], []
+        for i, a in asked.items():
+            keys = list(a) if isinstance(a, dict) else range(len(a)) if isinstance(a, list) else [None]
+            for k in keys:
+                flat.append(a if k is None else a[k])
+                where.append((i, k))
+        answers = yield flat
+        got: dict[int, dict] = {i: {} for i in asked}
+        for (i, k), gen in zip(where, answers):
+            got[i][k] = gen
+        for i, a in list(asked.items()):
+            value = (got[i][None] if not isinstance(a, (dict, list)) else
+                     {k: got[i][k] for k in a} if isinstance(a, dict) else [got[i][k] for k in range(len(a))])
+            try:
+                asked[i] = steps[i].send(value)
+            except StopIteration as stop:
+                results[i] = stop.value
+                del asked[i]
+    return results
 
 
 def gather(items: list, method: Method, max_records: int) -> list:

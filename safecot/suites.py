@@ -86,6 +86,7 @@ class SuiteSpec:
     limit: int | None = None            # first N source rows kept
     sample: int | None = None           # N rows drawn at random (after `where`), even over categories
     seed: int | None = None             # of the draw; default: the recipe's seed
+    judges: dict = field(default_factory=dict)     # {task: judge spec} for this suite's answers, over eval.judges (e.g. jailbreaks: {safety: harmbench})
 
 
 BUILTIN = {
@@ -163,6 +164,19 @@ def suite_spec(entry) -> SuiteSpec:
         if not (isinstance(col, str) and col) and not (votes and all(isinstance(c, str) and c for c in col)):
             raise InputError(f"eval.suites '{name}': columns.{f} must name a column (a judge check's label may list "
                              "several: annotators' votes)")
+    if spec.judges:
+        from .judges import TASKS_BY_KIND, check_judges
+        if not isinstance(spec.judges, dict) or spec.kind == "judge_check":
+            raise InputError(f"eval.suites '{name}': judges is a mapping {{task: judge}} for the answers of a suite "
+                             "the models answer (a judge check measures the stage's judges)")
+        wrong = [t for t in spec.judges if t not in (*TASKS_BY_KIND[spec.kind], "cot")]
+        if wrong:
+            raise InputError(f"eval.suites '{name}': a {spec.kind} suite's answers are not judged for {', '.join(wrong)} "
+                             f"(its tasks: {', '.join((*TASKS_BY_KIND[spec.kind], 'cot'))})")
+        try:
+            check_judges(spec.judges)
+        except InputError as e:
+            raise InputError(f"eval.suites '{name}': {e}") from None
     for key in ("limit", "sample"):
         value = getattr(spec, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

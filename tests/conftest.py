@@ -70,6 +70,14 @@ class ScriptedBackend(Backend):
             out.append(reply if isinstance(reply, Generation) else Generation(reply, len(reply.split())))
         return out
 
+    def complete(self, prompts, cfg, candidates=None, special_tokens=True):
+        """Raw prompts (the guard classifiers) reach the same script as a str instead of a chat; a
+        reply with scores is a Generation(text, scores={token: logprob})."""
+        self.calls += 1
+        ScriptedBackend.calls_log.append((self.model, len(prompts)))
+        return [r if isinstance(r, Generation) else Generation(r, len(r.split()))
+                for r in (ScriptedBackend.script(p, self.model) for p in prompts)]
+
 
 backends.BACKENDS["scripted"] = ScriptedBackend
 

@@ -6,7 +6,11 @@
         server.requests        # every request received, in arrival order
         server.max_in_flight   # most requests being handled at once
 
-It answers POST {base_url}/chat/completions. The behaviour of a request is chosen by the content of
+It answers POST {base_url}/chat/completions, and {base_url}/completions (raw-text completions, as
+vLLM serves them to the guard classifiers: `ok` echoes the prompt). A test that needs real answers
+passes `responder(path, body) -> reply`: a dict is sent as the JSON body with status 200 (build it
+with `chat_completion` or `text_completion`, which also writes the `top_logprobs` a server
+returns for `logprobs: N`), None falls back to the behaviours below. The behaviour of a request is chosen by the content of
 its last user message: a content that starts with `BEHAVE:<name>` gets behaviour <name>, any other
 content gets `ok`. The rest of the content (after the name) is free, so several requests of one
 call can share a behaviour and still be told apart, e.g. "BEHAVE:500-once first", "BEHAVE:500-once
@@ -58,8 +62,11 @@ class Received:
 
 
 def behaviour_of(body: dict | None) -> tuple[str, str]:
-    """(behaviour, last user content) of a request body."""
+    """(behaviour, last user content) of a request body; a raw completion's content is its prompt."""
     content = ""
+    if isinstance((body or {}).get("prompt"), str):
+        content = body["prompt"]
+        return (content[len(PREFIX):].split(None, 1)[0] or "ok", content) if content.startswith(PREFIX) else ("ok", content)
     for message in reversed((body or {}).get("messages") or []):
         if message.get("role") == "user":
             content = message.get("content") or ""
@@ -80,6 +87,28 @@ def completion(body: dict, content: str) -> dict:
                      "message": {"role": "assistant", "content": f"echo: {content}"}}],
         "usage": {"prompt_tokens": 1, "completion_tokens": words, "total_tokens": 1 + words},
     }
+
+
+def chat_completion(body: dict, text: str) -> dict:
+    """A chat.completion answering `text`, for a responder."""
+    reply = completion(body, "")
+    reply["choices"][0]["message"]["content"] = text
+    reply["usage"]["completion_tokens"] = len(text.split())
+    return reply
+
+
+def text_completion(body: dict, text: str, top_logprobs: dict | None = None) -> dict:
+    """A text_completion answering `text`; with `top_logprobs` ({token: logprob}) the first
+    position's alternatives, in the legacy completions format vLLM writes."""
+    logprobs = None
+    if top_logprobs is not None:
+        first = max(top_logprobs, key=top_logprobs.get)
+        logprobs = {"tokens": [first], "token_logprobs": [top_logprobs[first]], "top_logprobs": [top_logprobs],
+                    "text_offset": [0]}
+    return {"id": "cmpl-test", "object": "text_completion", "created": int(time.time()),
+            "model": body.get("model", "test-model"),
+            "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": logprobs}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": max(1, len(text.split())), "total_tokens": 2}}
 
 
 class _Server(ThreadingHTTPServer):
@@ -129,8 +158,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, test: "OpenAITestServer", behaviour: str, body: dict | None, content: str):
         """(status, payload, headers) to send, or None to close without an answer."""
-        if not self.path.rstrip("/").endswith("/chat/completions") or body is None:
+        path = self.path.rstrip("/")
+        if not (path.endswith("/chat/completions") or path.endswith("/completions")) or body is None:
             return _json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+        if test.responder is not None:
+            scripted = test.responder(path, body)
+            if scripted is not None:
+                return _json(200, scripted)
+        if not path.endswith("/chat/completions"):
+            return _json(200, text_completion(body, f"echo: {content}"))
         if behaviour == "500-once" and test.attempts(content) == 1:
             return _json(500, {"error": {"message": "transient failure", "type": "server_error"}},
                          {"retry-after-ms": "1"})
@@ -165,7 +201,8 @@ def _json(status: int, obj: dict, headers: dict | None = None) -> tuple[int, byt
 class OpenAITestServer:
     """See the module docstring. A context manager; `base_url` ends in /v1."""
 
-    def __init__(self, release_at: int | None = None, gate_timeout_s: float = 10.0):
+    def __init__(self, release_at: int | None = None, gate_timeout_s: float = 10.0, responder=None):
+        self.responder = responder           # (path, body) -> reply dict, or None for the behaviours
         self.release_at = release_at         # open the gate when this many requests are in flight
         self.gate_timeout_s = gate_timeout_s
         self.requests: list[Received] = []

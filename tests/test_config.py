@@ -139,3 +139,25 @@ def test_real_recipes_grade_stage_2_and_rank_beliefs_with_another_model(recipe):
     generator = cfg.llm.model
     assert cfg.llm.merged(cfg.grader).model != generator, f"{recipe.name}: refine.grader is the generator {generator}"
     assert cfg.belief_judge_llm().model != generator, f"{recipe.name}: refine.belief_judge is the generator {generator}"
+
+
+@pytest.mark.parametrize("recipe", REAL, ids=[p.stem for p in REAL])
+def test_real_recipes_judge_with_the_fields_classifiers_on_the_same_gpu(recipe):
+    """Stage 5's safety, refusal and StrongREJECT verdicts come from the published classifiers
+    (numbers comparable with the papers'), stage 2's beliefs are ranked by ShieldGemma as in
+    AIDSAFE, and no judge of any stage needs a server: one GPU runs the whole recipe."""
+    from safecot.judges import judge_kind
+    r = load_recipe(recipe)
+    ev = section_config(r, "eval", load_script("05_eval").Config)
+    kinds = {task: judge_kind(spec)[0] for task, spec in ev.judges.items()}
+    assert kinds == {"safety": "llamaguard3", "refusal": "wildguard", "strongreject": "strongreject", "cot": "llm"}
+    from safecot.suites import suite_spec
+    jailbreaks = [s for s in map(suite_spec, ev.suites) if s.kind == "jailbreak"]
+    assert jailbreaks and all(judge_kind(s.judges.get("safety"))[0] == "harmbench" for s in jailbreaks)
+    refine = section_config(r, "refine", load_script("02_refine").Config)
+    assert refine.belief_guard() == "shieldgemma"
+    llms = [ev.llm.merged(ev.judge), refine.llm.merged(refine.grader), refine.belief_judge_llm()]
+    dpo = section_config(r, "dpo", load_script("04_dpo").Config)
+    if dpo.method == "grpo":
+        llms.append(dpo.llm.merged(dpo.judge))
+    assert all(llm.backend == "hf" and llm.load_in_4bit for llm in llms), [(l.model, l.backend) for l in llms]

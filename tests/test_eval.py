@@ -401,7 +401,7 @@ def test_comparison_table_of_several_models_and_runs(tmp_path, scripted):
     ("eval.models=[{label: sft, from_run: tiny/03_sft}]", "no 03_sft of run 'tiny' output here"),
     ("eval.models=[{label: sft, from_run: tiny/02_refine}]", "from_run must be"),
     ("eval.models=[{label: base}, {label: base}]", "must be unique"),
-    ("eval.judges={safety: magic}", "expected detector, llm, none"),
+    ("eval.judges={safety: magic}", "unknown judge kind 'magic'"),
     ("eval.judges={saftey: detector}", "unknown task 'saftey'"),
     ("eval.judges={cot: detector}", "cannot grade reasoning"),
 ])
