@@ -9,7 +9,9 @@ As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
      with the seed, never its first rows. An item whose request is among the run's own training
      prompts is removed from every rate (`train_overlap_removed` counts them).
   2. Models under test: the base model, or base + a LoRA adapter from a run's stage 3 or 4,
-     through any backend, under each inference-time setting of `eval.policy_prompt` (CADA's
+     through any backend (a served adapter is asked for by the name it is served under:
+     `vllm serve <base> --enable-lora --lora-modules <name>=<adapter>`, and `llm.model: <name>` in
+     its entry), under each inference-time setting of `eval.policy_prompt` (CADA's
      study): `none`, or a policy file shown in the system turn of reason_over_policies.txt, the
      template GRPO trains with. `<think>...</think>` is kept apart as the reasoning; the rest is
      the answer. An answer that ran out of tokens, or stopped inside its reasoning, is
@@ -17,8 +19,13 @@ As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
      with it counted as a failure.
   3. Judges: safety of the answer under the policies, XSTest's refusal classes, the
      StrongREJECT rubric and score, AIDSAFE's CoT grades of the reasoning; the offline refusal
-     detector by default (safecot/judges.py, with its limits). Every judge reads one fixed
-     standard, `eval.judge_policies`, whatever codes the run trained on, so runs stay comparable.
+     detector by default (safecot/judges.py, with its limits), an LLM judge, or the field's
+     classifiers with their official prompts and output formats (safecot/guards.py: Llama
+     Guard 3, WildGuard, the HarmBench classifiers, StrongREJECT's fine-tuned evaluator,
+     ShieldGemma), per task (`eval.judges`) and, where a suite names its own, per suite
+     (`{name: strongreject, judges: {safety: harmbench}}`). Every LLM judge reads one fixed
+     standard, `eval.judge_policies`, whatever codes the run trained on, so runs stay comparable
+     (a classifier reads its own published taxonomy).
      An LLM judge is `eval.judge`, a model other than the ones under test: a model grading its
      own answers is refused unless `eval.allow_self_judge: true`, and the report then says so.
      With `eval.judge_reasoning: true` (SafeChain) the safety judge also reads the reasoning of
@@ -31,12 +38,18 @@ As reported by AIDSAFE (Kumarage et al. 2025, table 4), SaRO and CADA:
      task (and the offline detector beside it) is measured against them: agreement, precision,
      recall with intervals (05_eval/judge_checks.json and the report), so the numbers above come
      with how far their judges can be trusted.
+  3c. Every answer is judged as soon as it exists (safecot/evaluation.py): a model loaded here
+     answers first and is released (one model in memory at a time, judges included), then one
+     scheduler run has the served models answer and every answer judged the moment it exists by
+     the judges that load nothing here; then each judge that loads here judges every answer, one
+     judge on the GPU at a time.
   4. Metrics with 95% bootstrap intervals, overall and per category (safecot/metrics.py), and
      the comparison table and figure (safecot/reports.py).
 
     python 05_eval.py --config configs/tiny.yaml
     python 05_eval.py --config configs/qwen2.5-7b.yaml "eval.models=[{label: base}]"
     python 05_eval.py --config configs/qwen2.5-7b.yaml eval.judges.cot=llm eval.judge="{model: Qwen/Qwen2.5-72B-Instruct, backend: openai, base_url: http://localhost:8000/v1}"
+    python 05_eval.py --config configs/qwen2.5-7b.yaml "eval.judges.safety={kind: wildguard, backend: openai, model: allenai/wildguard, base_url: http://localhost:8001/v1}"
     python 05_eval.py --config configs/tiny.yaml "eval.suites=[refusal_check]" "eval.models=[]"
     python 05_eval.py --config configs/qwen2.5-7b.yaml eval.judge_reasoning=true eval.samples=5 "eval.generation={temperature: 0.6}"
     python 05_eval.py --config configs/tiny.yaml run_name=cmp "eval.compare=[data/runs/a, data/runs/b]"
@@ -52,24 +65,23 @@ listed runs go to 05_eval/compare/, if they were judged under one standard (or `
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from safecot import scheduler
-from safecot.backends import Agent, LLMConfig, release_backends
-from safecot.judges import (TASKS, TASKS_BY_KIND, ChoiceJudge, DetectorJudge, check_judges, judge_file_name,
-                            judge_protocol, judging_standard, make_judge, split_reasoning, standard_difference, unfinished)
-from safecot.metrics import SAFETY_KINDS, THOUGHTS, compute_metrics, judge_agreement, verdict_label
-from safecot.records import InputError, Manifest, RecordWriter, file_hash, stage_dir, write_jsonl
+from safecot.backends import LLMConfig, release_backends
+from safecot.evaluation import Evaluation, Model, digest, judge_all
+from safecot.guards import category_counts
+from safecot.judges import (TASKS, ChoiceJudge, DetectorJudge, check_judges, judge_model, judge_protocol,
+                            judging_standard, make_judge, standard_difference)
+from safecot.metrics import compute_metrics, judge_agreement, verdict_label
+from safecot.scheduler import concurrent
+from safecot.records import InputError, Manifest, file_hash, stage_dir, write_jsonl
 from safecot.reports import load_results, write_comparison
-from safecot.scheduler import Request
-from safecot.stage import lock_stage, open_stage, run_cli, set_seed, trained_model
+from safecot.stage import lock_stage, open_stage, run_cli, seed_agents, set_seed, trained_model
 from safecot.suites import contaminated, load_suite, suite_info, suite_spec, training_prompts
 from safecot.templates import load_policies, policy_chat
 
@@ -80,7 +92,7 @@ class Config:
     seed: int = 0                       # sampling and the bootstrap
     runs_dir: str = "data/runs"
     llm: LLMConfig = field(default_factory=LLMConfig)  # the base model, and every LLM judge unless overridden
-    models: list = field(default_factory=lambda: [{"label": "base"}])  # {label, llm: {overrides}, adapter: folder | from_run: <run>/03_sft}
+    models: list = field(default_factory=lambda: [{"label": "base"}])  # {label, llm: {overrides}, adapter: folder | from_run: <run>/03_sft}; served: llm.model = its name
     suites: list = field(default_factory=lambda: ["harmful", "jailbreak", "xstest", "mmlu"])  # names or mappings (safecot/suites.py)
     limit: int | None = None            # first N source rows of every suite (judge checks: their own limit only) ...
     sample: int | None = None           # ... or N drawn at random (seeded, even over categories)
@@ -88,14 +100,14 @@ class Config:
     system_prompt: str = ""             # a system turn for the models under test, first in every setting ("" = none)
     policy_prompt: list = field(default_factory=lambda: ["none"])  # inference-time settings: none | a policy file, shown as GRPO does
     judges: dict = field(default_factory=lambda: {"safety": "detector", "refusal": "detector",
-                                                  "strongreject": "detector", "cot": "none"})  # per task: detector | llm | none | {LLM overrides}
+                                                  "strongreject": "detector", "cot": "none"})  # per task: detector | llm | none | a classifier (llamaguard3, wildguard, harmbench, harmbench_mistral, strongreject, shieldgemma) | {kind: ..., <LLM settings>}
     judge: dict = field(default_factory=lambda: {"temperature": 0.0})  # the LLM judge: settings over `llm`; name another model
     allow_self_judge: bool = False      # let a model under test judge itself (biased; the report says so)
     judge_reasoning: bool = False       # the safety judge also reads the reasoning, apart from the answer (SafeChain)
     samples: int = 1                    # answers drawn per prompt, K (SafeChain: Safe@1, Safe@K, ConsSafe@K); > 1 needs temperature > 0
     judge_policies: str = "data/policies/detailed.yaml"  # the one standard every LLM judge judges under, not the run's own codes
     judge_templates: str = "data/templates"   # judge_*.txt, grade_cot.txt, mmlu_question.txt, reason_over_policies.txt (not jailbreak ones)
-    chunk_size: int = 64                # items generated or judged together and saved together
+    chunk_size: int = 64                # items in flight (served: at least 2x max_concurrency); a batched model's batch
     bootstrap_samples: int = 1000       # resamples per interval
     confidence: float = 0.95            # interval coverage
     compare: list = field(default_factory=list)  # other runs' 05_eval folders: only write the comparison
@@ -133,6 +145,12 @@ def resolve_models(cfg: Config) -> dict[str, LLMConfig]:
             if not (Path(adapter) / "adapter_config.json").is_file():
                 raise InputError(f"eval.models '{label}': no LoRA adapter at {adapter} (adapter_config.json missing)")
             llm = llm.merged({"adapter": str(adapter)})
+            # A server loads the adapter itself and answers to its own name for it: asked for the
+            # base model's name, it would answer with the base model, and the adapter would go untested.
+            if llm.backend == "openai" and "model" not in (entry.get("llm") or {}):
+                raise InputError(f"eval.models '{label}': an adapter on the openai backend is served under a name of its "
+                                 f"own; give that name as llm.model in this entry (served with: vllm serve <base model> "
+                                 f"--enable-lora --lora-modules <name>={adapter})")
         out[label] = llm
     if not out:
         raise InputError("eval.models: no models to evaluate")
@@ -151,10 +169,6 @@ def check_model_folder(folder: Path, label: str, llm: LLMConfig, system_prompt: 
                              "use --overwrite or another label")
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=2))
-
-
-def digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
 def inference_settings(cfg: Config) -> dict[str, dict]:
@@ -191,92 +205,14 @@ def setting_chat(setting: dict, prompt: str, system: str) -> list[dict]:
     return [{"role": "system", "content": system}] + chat
 
 
-def generate(label: str, llm: LLMConfig, items: list[dict], folder: Path, cfg: Config, counts: dict,
-             usage: scheduler.Usage | None = None) -> dict:
-    """Generations cached under `key`, which hashes the chat sent: only what is not on disk is
-    generated, `chunk_size` items in flight (safecot/scheduler.py: batched ticks on hf/vllm,
-    one request per item as soon as a slot frees on openai), each saved as it comes back; an
-    edited prompt or template has a new key."""
-    writer = RecordWriter(folder / "generations.jsonl")
-    todo = list({it["key"]: it for it in items if it["key"] not in writer.done}.values())  # two settings may send one chat
-    if not todo:
-        writer.close()
-        return writer.done
-    agent = Agent(f"model_{label}", llm)
-
-    def answer(it):
-        gen = yield Request(agent, it["chat"], step="generate")
-        return it, gen
-
-    def save(done) -> bool:
-        it, gen = done
-        if gen.error:  # left for the next run
-            counts["generation_errors"] += 1
-            return False
-        reasoning, answer = split_reasoning(gen.text)
-        writer.write({"id": it["key"], "model": label, "suite": it["suite"], "item": it["id"], "chat": it["chat"],
-                      "text": gen.text, "reasoning": reasoning, "answer": answer, "tokens": gen.tokens,
-                      "truncated": gen.truncated or unfinished(gen.text)})
-        counts["generated"] += 1
-        return True
-
-    bar = tqdm(total=len(todo), desc=f"05_eval {label}: generate", unit="item")
-    with writer:
-        scheduler.run(todo, answer, save, scheduler.pool_size(cfg.chunk_size, [agent]), bar, usage)
-    bar.close()
-    return writer.done
-
-
-def judge_all(judge, items: list[dict], folder: Path, cfg: Config, counts: dict,
-              usage: scheduler.Usage | None = None) -> dict:
-    """Verdicts cached per (task, judge, judge settings) file and, inside it, under a hash of what
-    the judge reads (request, reasoning, answer): a new or edited judge judges everything, an
-    unchanged one only what changed. `chunk_size` items in flight on the scheduler, each verdict
-    saved as it comes back. -> {item key: verdict}."""
-    writer = RecordWriter(folder / "judgements" / judge_file_name(judge))
-    keys = {it["key"]: f"{it['key']}#{digest([it['prompt'], it.get('reasoning', ''), it['answer']])}" for it in items}
-    todo = [it for it in items if keys[it["key"]] not in writer.done]
-
-    def judged(it):  # one item's verdict (safecot/judges.py), with the item
-        return it, (yield from judge.verdict(it))
-
-    def save(done) -> bool:
-        it, verdict = done
-        if verdict.get("error"):  # left for the next run
-            counts["judge_errors"] += 1
-            return False
-        writer.write({"id": keys[it["key"]], "task": judge.task, **verdict})
-        counts["judged"] += 1
-        return True
-
-    bar = tqdm(total=len(todo), desc=f"  judge {judge.task}", unit="item", leave=False, disable=not todo)
-    with writer:
-        scheduler.run(todo, judged, save, scheduler.pool_size(cfg.chunk_size, judge.agents), bar, usage)
-    bar.close()
-    return {k: writer.done[v] for k, v in keys.items() if v in writer.done}
-
-
-def judge_thoughts(judge, items: list[dict], folder: Path, cfg: Config, counts: dict,
-                   usage: scheduler.Usage | None = None) -> dict:
-    """The safety judge's verdicts on the reasoning of safety-suite answers, read in place of the
-    answer (an answer safe after thoughts that spelled out the harm is not safe), cached under
-    keys of their own (`<key>/thoughts#<hash>`) beside the answers'. An answer without reasoning
-    said nothing unsafe in it: its thoughts count as safe, unjudged. -> {item key: verdict}."""
-    wanted = [it for it in items if it["kind"] in SAFETY_KINDS and not it.get("truncated")]
-    said = [{**it, "key": f"{it['key']}/thoughts", "answer": it["reasoning"], "reasoning": ""}
-            for it in wanted if (it.get("reasoning") or "").strip()]
-    found = judge_all(judge, said, folder, cfg, counts, usage) if said else {}
-    silent = {it["key"]: {"safe": True, "no_reasoning": True} for it in wanted if not (it.get("reasoning") or "").strip()}
-    return {**silent, **{key.removesuffix("/thoughts"): v for key, v in found.items()}}
-
-
 def self_judged(cfg: Config, models: dict[str, LLMConfig]) -> dict[str, list[str]]:
     """{task: labels of models under test whose own base model is that task's LLM judge}."""
     out, judge_of = {}, {}
-    for task in TASKS:
-        spec = cfg.judges.get(task)
-        if spec == "llm" or isinstance(spec, dict):
-            judge_of[task] = cfg.llm.merged(cfg.judge).merged(spec if isinstance(spec, dict) else None).model
+    specs = {**{t: cfg.judges.get(t) for t in TASKS},
+             **{f"{t}@{s.name}": j for s in map(suite_spec, cfg.suites) for t, j in s.judges.items()}}
+    for task, spec in specs.items():
+        judge_of[task] = judge_model(spec, cfg.llm.merged(cfg.judge))  # an LLM judge or a guard: the model it runs
+        if judge_of[task]:
             labels = [label for label, llm in models.items() if llm.model == judge_of[task]]
             if labels:
                 out[task] = labels
@@ -299,11 +235,12 @@ def check_judges_on_labels(checks: list[dict], judges: dict, out: Path, cfg: Con
         candidates = [j for j in (judges.get(task), DetectorJudge(task)) if j]
         results[suite] = {"task": task, "n": len(rows), "judges": {}}
         for judge in dict((j.name, j) for j in candidates).values():
-            verdicts = judge_all(judge, rows, out / "judge_checks" / suite, cfg, counts, usage)
+            verdicts = judge_all(judge, rows, out / "judge_checks" / suite, cfg.chunk_size, counts, usage)
             preds = [verdict_label(task, verdicts.get(it["key"])) for it in rows]
             results[suite]["judges"][judge.name] = judge_agreement(
                 task, [it["label"] for it in rows], preds, [it["category"] for it in rows],
                 cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+            release_backends()  # a judge loaded here leaves the GPU before the next one loads
     return results
 
 
@@ -411,36 +348,49 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 manifest.input(f"adapter:{label}", llm.adapter)
         if st.unchanged():  # evaluated before with this config and these inputs: nothing to redo or rewrite
             return out
-        set_seed(cfg.seed)  # only now: a rerun with nothing to do need not import torch
         counts = {"generated": 0, "generation_errors": 0, "judged": 0, "judge_errors": 0}
         usage = scheduler.Usage()  # what the backends did, failed requests by kind
 
-        generations = {}
         for label, llm in models.items():
             check_model_folder(out / label, label, llm, cfg.system_prompt)
-            generations[label] = generate(label, llm, items, out / label, cfg, counts, usage)
-            release_backends()  # one model in memory at a time
-            gc.collect()
-
-        judge_llm = cfg.llm.merged(cfg.judge)
-        judges = {t: make_judge(t, cfg.judges.get(t), judge_llm, policy_set.text(), cfg.judge_templates) for t in TASKS}
-        judges["choice"] = ChoiceJudge()
+        under_test = [Model(label, llm, out / label) for label, llm in models.items()]
+        evaluation = Evaluation(cfg.judge_reasoning, cfg.chunk_size, counts, usage)
+        try:
+            # Seeded only now (a rerun with nothing to do need not import torch), and torch only where
+            # something samples in this process: served models and judges use the server's own seed.
+            local = any(llm.backend != "openai" for llm in models.values())
+            if local:
+                set_seed(cfg.seed)
+            # A model loaded here answers first and is released: one model in memory at a time.
+            evaluation.answers_here(under_test, items)
+            judge_llm = cfg.llm.merged(cfg.judge)
+            judges = {t: make_judge(t, cfg.judges.get(t), judge_llm, policy_set.text(), cfg.judge_templates) for t in TASKS}
+            judges["choice"] = ChoiceJudge()
+            evaluation.judges = judges
+            evaluation.by_suite = {spec.name: {t: make_judge(t, j, judge_llm, policy_set.text(), cfg.judge_templates)
+                                               for t, j in spec.judges.items()} for spec in specs if spec.judges}
+            every = [j for j in [*judges.values(), *(j for own in evaluation.by_suite.values() for j in own.values())] if j]
+            here = [j for j in every if not all(concurrent(a) for a in j.agents)]  # judges that load a model here
+            if not local and not here:
+                seed_agents(cfg.seed, [a for j in every for a in j.agents])
+            elif not local:
+                set_seed(cfg.seed)
+            # Served models answer and every answer is judged as soon as it exists, in one scheduler run
+            # (by the judges that load nothing here); then each judge that loads here, one at a time.
+            evaluation.answer_and_judge(under_test, items, [j for j in every if j not in here])
+            for judge in here:
+                evaluation.answer_and_judge(under_test, items, [judge], answer=False)
+                release_backends()
+                gc.collect()
+            answered = {m.label: evaluation.results(m, items) for m in under_test}
+        finally:
+            for model in under_test:
+                model.close()
+        generations = {m.label: m.generations.done for m in under_test}
         samples = []
         by_setting = {name: {"policy_prompt": s["policy_prompt"], "models": {}, "truncated": {}} for name, s in settings.items()}
         for label in models:
-            done = [{**it, **generations[label][it["key"]], "id": f"{it['suite']}/{it['id']}"}
-                    for it in items if it["key"] in generations[label]]
-            verdicts = {}
-            for task, judge in judges.items():
-                # A truncated answer is missing, never judged: an empty answer would pass for a refusal.
-                wanted = [it for it in done if not it.get("truncated")
-                          and (task in TASKS_BY_KIND[it["kind"]] or (task == "cot" and it["kind"] != "utility"))]
-                if judge and wanted:
-                    wanted = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in wanted]
-                    verdicts[task] = judge_all(judge, wanted, out / label, cfg, counts, usage)
-            if cfg.judge_reasoning and judges["safety"]:
-                asked = [{**it, "prompt": it.get("forbidden_prompt", it["prompt"])} for it in done]
-                verdicts[THOUGHTS] = judge_thoughts(judges["safety"], asked, out / label, cfg, counts, usage)
+            done, verdicts = answered[label]
             rows = [{**{k: v for k, v in it.items() if k not in ("key", "chat")}, "model": label,
                      "judgements": {t: {k: x for k, x in v[it["key"]].items() if k not in ("id", "task")}
                                     for t, v in verdicts.items() if it["key"] in v}} for it in done]
@@ -449,6 +399,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 mine = [r for r in rows if r["setting"] == name]
                 block["truncated"][label] = sum(bool(r.get("truncated")) for r in mine)
                 block["models"][label] = compute_metrics(mine, cfg.bootstrap_samples, cfg.confidence, cfg.seed, cfg.samples)
+                block.setdefault("guard_categories", {})[label] = category_counts(mine)
         judge_checks = check_judges_on_labels(checks, judges, out, cfg, counts, usage) if checks else {}
         if checks:
             (out / "judge_checks.json").write_text(json.dumps(judge_checks, indent=2), encoding="utf-8")
@@ -456,8 +407,10 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
         write_jsonl(out / "samples.jsonl", samples)
         info = {label: {"model": llm.model, "adapter": llm.adapter, "backend": llm.backend} for label, llm in models.items()}
-        judge_names = {t: (j.name if j else None) for t, j in judges.items()}
-        protocols = {t: judge_protocol(j) for t, j in judges.items()}  # what compare checks before one table
+        # a suite's own judge is `<task>@<suite>`: compared like any task's before two runs share a table
+        own = {f"{t}@{suite}": j for suite, by_task in evaluation.by_suite.items() for t, j in by_task.items()}
+        judge_names = {t: (j.name if j else None) for t, j in {**judges, **own}.items()}
+        protocols = {t: judge_protocol(j) for t, j in {**judges, **own}.items()}  # what compare checks before one table
         standard = {"path": cfg.judge_policies, "sha256": file_hash(cfg.judge_policies)}
         first = next(iter(by_setting.values()))  # `models` and `truncated` keep their meaning for every older reader
         data = {"run_name": cfg.run_name, "models": first["models"], "model_info": info, "judges": protocols,
