@@ -75,7 +75,8 @@ from safecot import scheduler
 from safecot.backends import LLMConfig, release_backends
 from safecot.evaluation import Evaluation, Model, digest, judge_all
 from safecot.guards import category_counts
-from safecot.judges import (TASKS, ChoiceJudge, DetectorJudge, check_judges, judge_model, judge_protocol,
+from safecot.models import check_loadable
+from safecot.judges import (TASKS, ChoiceJudge, DetectorJudge, check_judges, judge_llm, judge_model, judge_protocol,
                             judging_standard, make_judge, standard_difference)
 from safecot.metrics import compute_metrics, judge_agreement, verdict_label
 from safecot.scheduler import concurrent
@@ -361,13 +362,19 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
             local = any(llm.backend != "openai" for llm in models.values())
             if local:
                 set_seed(cfg.seed)
+            # A judge that loads here must load: a gated one whose licence is not accepted stops now, not
+            # after every answer is generated.
+            for spec in [*cfg.judges.values(), *(j for s in specs for j in s.judges.values())]:
+                runs = judge_llm(spec, cfg.llm.merged(cfg.judge))
+                if runs and runs.backend in ("hf", "vllm"):
+                    check_loadable(runs.model)
             # A model loaded here answers first and is released: one model in memory at a time.
             evaluation.answers_here(under_test, items)
-            judge_llm = cfg.llm.merged(cfg.judge)
-            judges = {t: make_judge(t, cfg.judges.get(t), judge_llm, policy_set.text(), cfg.judge_templates) for t in TASKS}
+            judging = cfg.llm.merged(cfg.judge)
+            judges = {t: make_judge(t, cfg.judges.get(t), judging, policy_set.text(), cfg.judge_templates) for t in TASKS}
             judges["choice"] = ChoiceJudge()
             evaluation.judges = judges
-            evaluation.by_suite = {spec.name: {t: make_judge(t, j, judge_llm, policy_set.text(), cfg.judge_templates)
+            evaluation.by_suite = {spec.name: {t: make_judge(t, j, judging, policy_set.text(), cfg.judge_templates)
                                                for t, j in spec.judges.items()} for spec in specs if spec.judges}
             every = [j for j in [*judges.values(), *(j for own in evaluation.by_suite.values() for j in own.values())] if j]
             here = [j for j in every if not all(concurrent(a) for a in j.agents)]  # judges that load a model here

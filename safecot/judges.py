@@ -520,13 +520,19 @@ def make_judge(task: str, spec, llm: LLMConfig, policies: str, templates=None) -
     return LLMJudge(task, llm.merged(overrides or None), policies, templates)
 
 
-def judge_model(spec, llm: LLMConfig) -> str | None:
-    """The model a task's judge runs (None for rule-based judges): for the self-judging check."""
+def judge_llm(spec, llm: LLMConfig) -> LLMConfig | None:
+    """The LLM a task's judge runs (None for rule-based judges)."""
     from .guards import GUARDS, guard_config
     kind, overrides = judge_kind(spec)
     if kind == "llm":
-        return llm.merged(overrides or None).model
-    return guard_config(GUARDS[kind], llm, overrides).model if kind in GUARDS else None
+        return llm.merged(overrides or None)
+    return guard_config(GUARDS[kind], llm, overrides) if kind in GUARDS else None
+
+
+def judge_model(spec, llm: LLMConfig) -> str | None:
+    """The model a task's judge runs (None for rule-based judges): for the self-judging check."""
+    found = judge_llm(spec, llm)
+    return found.model if found else None
 
 
 def judge_slug(name: str) -> str:

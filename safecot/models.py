@@ -128,6 +128,18 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return {t for t in stop if t is not None}
 
 
+def check_loadable(name: str) -> None:
+    """The model's config can be read (a local folder, the cache, or the Hub with access granted):
+    one small file, no weights. Stage 5 asks this of its judges before any answer is generated, so
+    a gated judge (Llama Guard) whose licence is not accepted stops the stage at once, not after
+    an hour of generation."""
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as e:
+        raise InputError(_not_found(name, e)) from None
+
+
 def _not_found(name: str, err: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = " (HF_HUB_OFFLINE=1: only local folders and cached models load)" if offline else ""

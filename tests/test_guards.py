@@ -462,3 +462,14 @@ def test_a_suite_judge_must_judge_that_suites_tasks():
         suite_spec({"name": "xstest", "judges": {"safety": "harmbench"}})
     with pytest.raises(InputError, match="'jailbreak': eval.judges.safety: unknown judge kind 'harmbnech'"):
         suite_spec({"name": "jailbreak", "judges": {"safety": "harmbnech"}})
+
+
+def test_a_judge_that_cannot_load_stops_stage5_before_any_answer(tmp_path, scripted):
+    """A gated or missing guard (here: offline, not cached) is found out before the models answer,
+    not after the hours of generation it would otherwise follow."""
+    scripted.script = lambda chat, model: REFUSE
+    module, cfg = make_config("05_eval", "eval", tmp_path, "llm.backend=scripted", "eval.models=[{label: base}]",
+                              "eval.suites=[harmful]", "eval.limit=2", "eval.judges.safety=llamaguard3")
+    with pytest.raises(InputError, match="model 'meta-llama/Llama-Guard-3-8B' cannot be loaded"):
+        module.main(cfg)
+    assert scripted.calls_log == []
