@@ -16,6 +16,12 @@ stage asks for):
   generate  stage 1's initial-CoT prompts (the recipe's policies in the system turn) for the first
             --gen-prompts seed prompts, one batched call of safecot.backends.HFBackend with the
             recipe's llm settings, every answer --gen-tokens long: generated tokens/s.
+  judges    stage 5's guard judges (safecot/guards.py: GuardJudge through the scheduler, as stage 5
+            runs them) on a random Llama-3.1-8B-sized model (Llama Guard 3 8B's architecture, and the
+            CoT grader's), in the recipe's 4-bit: --judge-items (request, answer) pairs judged with a
+            text verdict of --judge-tokens new tokens (Llama Guard's `unsafe\nS1,S10` is 6-10) and
+            with a scored one (one position read, as StrongREJECT and ShieldGemma): verdicts/s and
+            peak memory, the figures README's "Judges on one GPU" table has no measurement for yet.
   vllm      the same prompt token ids through vLLM (random "dummy" weights, bf16), in a child
             process, where `import vllm` works; skipped with a line otherwise.
 Each training part runs --warmup untimed steps, then --steps timed ones, and stops early when the
@@ -51,6 +57,15 @@ SIZES = {
                max_position_embeddings=32768, max_window_layers=28, rope_theta=1e6, rms_norm_eps=1e-6,
                hidden_act="silu", attention_dropout=0.0, initializer_range=0.02, tie_word_embeddings=False,
                use_sliding_window=False, sliding_window=None),
+    # Llama Guard 3 8B = Llama-3.1-8B's architecture (8,030,261,248 parameters; its rope scaling for long
+    # contexts is left out: it does not change the speed of the short prompts judged here)
+    "judge-7b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+                     intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
+                     tie_word_embeddings=False),
+    "judge-tiny": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=4096, hidden_size=64,
+                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
     # the same architecture, CPU-sized, for the tests (a vocabulary wider than the tiny tokenizer's, as the 7B's is)
     "tiny": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=4096, hidden_size=64,
                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -331,6 +346,48 @@ def part_generate(args, deadline: float) -> tuple[dict, list[list[int]]]:
     return result, ids
 
 
+def part_judges(args, deadline: float) -> dict:
+    """GuardJudge verdicts as stage 5 asks them (scheduler.gather, the hf backend's batched ticks) on
+    a random judge-sized model: a text verdict (llamaguard3, every reply --judge-tokens long) and a
+    scored one (strongreject: the logits of one position)."""
+    from safecot.backends import LLMConfig
+    from safecot.guards import GUARDS, GuardJudge, guard_config
+    _, recipe = stage1_chats(args)
+    base = LLMConfig().merged(recipe.get("llm")).merged({"backend": "hf"})
+    seeds = [s["prompt"] for s in __import__("safecot.records", fromlist=["read_jsonl"]).read_jsonl(
+        ROOT / "data" / "prompts" / "seed.jsonl")]
+    rng = random.Random(2)
+    words = ["the", "first", "step", "is", "to", "check", "whether", "this", "would", "help", "anyone", "safely"]
+    items = [{"prompt": seeds[i % len(seeds)], "answer": " ".join(rng.choice(words) for _ in range(args.judge_answer_words))}
+             for i in range(args.judge_items)]
+    out = {"status": "ok", "architecture": f"judge-{args.size}", "items": len(items), "answer_words": args.judge_answer_words,
+           "load_in_4bit": base.load_in_4bit, "batch_size": base.batch_size}
+    with random_weights(f"judge-{args.size}"):
+        for kind, label in (("llamaguard3", "text"), ("strongreject", "scored")):
+            if time.perf_counter() > deadline:
+                out[label] = {"status": "skipped", "reason": "over budget"}
+                continue
+            tokens = args.judge_tokens if kind == "llamaguard3" else GUARDS[kind].max_new_tokens
+            judge = GuardJudge(GUARDS[kind].tasks[0], kind, guard_config(GUARDS[kind], base, {"model": "tiny",
+                                                                                               "max_new_tokens": tokens}))
+            model = judge.agent.backend.model  # loads here, inside random_weights (the same model for both)
+            judge(items[:2])  # kernels, allocator: not what is measured
+            model.generation_config.min_new_tokens = tokens  # every text verdict exactly this long
+            sync()
+            t0 = time.perf_counter()
+            verdicts = judge(items)
+            sync()
+            dt = time.perf_counter() - t0
+            model.generation_config.min_new_tokens = None
+            failed = [v["error"] for v in verdicts if v.get("error")]
+            if failed:
+                raise RuntimeError(f"{len(failed)} verdict(s) failed: {failed[0]}")
+            out[label] = {"kind": kind, "new_tokens": tokens, "wall_s": round(dt, 3),
+                          "verdicts_per_s": round(len(items) / dt, 2)}
+    out["peak_gib"] = peak_gib()
+    return out
+
+
 def part_vllm(args, ids: list[list[int]], deadline: float, work: Path) -> dict:
     """vLLM in a child process (its engine starts processes of its own and wants the GPU memory
     this process no longer holds), on the same prompt token ids; skipped where it is not installed."""
@@ -422,6 +479,16 @@ def table(result: dict) -> str:
     row("generate", "hf tokens/s (vs vLLM, same prompts)", "tokens_per_s",
         vllm.get("tokens_per_s") if vllm.get("status") == "ok" else None)
     row("generate", "peak memory", "peak_gib", None, " GiB")
+    judges = parts.get("judges") or {}
+    for label in ("text", "scored"):
+        j = judges.get(label) or {}
+        if judges.get("status") == "ok" and "verdicts_per_s" in j:
+            rows.append(f"| judges | {j['kind']} verdicts/s ({label}: {j['new_tokens']} new token(s), "
+                        f"{judges['items']} items) | {j['verdicts_per_s']} | | |")
+        else:
+            rows.append(f"| judges | {label} verdicts/s | {judges.get('status', 'not run')}: "
+                        f"{judges.get('reason', j.get('reason', ''))} | | |")
+    row("judges", "peak memory", "peak_gib", None, " GiB")
     row("vllm", "tokens/s", "tokens_per_s")
     head = (f"GPU check, size {result['size']}, {result['machine']['gpu'] or 'CPU: ' + result['machine']['cpu']}, "
             f"{result['wall_s']:.0f} s\n\n| part | figure | measured | compared with | ratio |\n|---|---|---:|---:|---:|")
@@ -438,7 +505,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--gen-prompts", type=int, default=16, help="stage-1 prompts in the one timed batched call")
     p.add_argument("--gen-tokens", type=int, default=256, help="tokens generated per prompt")
-    p.add_argument("--parts", default="sft,dpo,generate,vllm")
+    p.add_argument("--judge-items", type=int, default=64, help="(request, answer) pairs each judge part judges")
+    p.add_argument("--judge-answer-words", type=int, default=300, help="words of each answer judged")
+    p.add_argument("--judge-tokens", type=int, default=8, help="new tokens of a text verdict (Llama Guard's: 6-10)")
+    p.add_argument("--parts", default="sft,dpo,generate,judges,vllm")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="the whole check's time budget")
     p.add_argument("--vllm-eager", action="store_true", help="vLLM without CUDA graphs (a faster start, slower decoding)")
     p.add_argument("--out", default="gpu_check.json", help="the JSON; the table goes beside it as .md")
@@ -454,11 +524,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"size": args.size, "architecture": SIZES[args.size], "recipe": args.recipe, "machine": machine(),
               "budget_s": args.budget_s, "anchors": ANCHORS, "parts": {}}
     # Each part's share of what is left when it starts, so a slow part cannot starve the rest entirely.
-    shares = {"sft": 0.3, "dpo": 0.4, "generate": 0.5, "vllm": 1.0}
+    shares = {"sft": 0.3, "dpo": 0.4, "generate": 0.4, "judges": 0.5, "vllm": 1.0}
     ids = None
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
-        for part in ("sft", "dpo", "generate", "vllm"):
+        for part in ("sft", "dpo", "generate", "judges", "vllm"):
             if part not in wanted:
                 continue
             now, held = time.perf_counter(), start_part()
@@ -475,6 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
                     out = part_dpo(args, work, part_deadline, str(adapter) if adapter.is_dir() else None)
                 elif part == "generate":
                     out, ids = part_generate(args, part_deadline)
+                elif part == "judges":
+                    out = part_judges(args, part_deadline)
                 else:
                     out = part_vllm(args, ids, deadline, work) if ids else {
                         "status": "skipped", "reason": "needs the generate part's prompts"}

@@ -28,11 +28,22 @@ def test_the_7b_architecture_is_qwen2_5_7b():
     assert model.config.rope_parameters["rope_theta"] == 1e6
 
 
+def test_the_judge_architecture_is_llama_3_1_8b():
+    """Llama Guard 3 8B's (Llama-3.1-8B's) 8,030,261,248 parameters."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    arch = dict(gpu_check().SIZES["judge-7b"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch))
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_every_part_at_tiny_size(tmp_path):
     out = tmp_path / "check.json"
     gpu_check().main(["--size", "tiny", "--steps", "1", "--warmup", "1", "--seq-len", "64", "--batch", "2",
-                      "--gen-prompts", "3", "--gen-tokens", "4", "--out", str(out)])
+                      "--gen-prompts", "3", "--gen-tokens", "4", "--judge-items", "5", "--judge-answer-words", "30",
+                      "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["machine"]["gpu"] is None and result["machine"]["torch"]
     assert result["anchors"]["sft_tokens_per_s"]["value"] == 2400 and result["anchors"]["sft_peak_gib"]["value"] == 9.0
@@ -46,9 +57,16 @@ def test_gpu_check_runs_every_part_at_tiny_size(tmp_path):
     # stage 1's initial-CoT prompts share the policies as one prefix; every answer is exactly --gen-tokens long
     assert gen["status"] == "ok" and gen["prompts"] == 3 and gen["generated_tokens"] == 3 * 4
     assert gen["shared_prefix_tokens"] > 1000 and gen["tokens_per_s"] > 0
+    # stage 5's guard judges on the judge-sized architecture: a text verdict of --judge-tokens, a scored one
+    judges = result["parts"]["judges"]
+    assert judges["status"] == "ok" and judges["architecture"] == "judge-tiny" and judges["items"] == 5
+    assert (judges["text"]["kind"], judges["text"]["new_tokens"]) == ("llamaguard3", 8)
+    assert (judges["scored"]["kind"], judges["scored"]["new_tokens"]) == ("strongreject", 1)
+    assert judges["text"]["verdicts_per_s"] > 0 and judges["scored"]["verdicts_per_s"] > 0
     vllm = result["parts"]["vllm"]
     if importlib.util.find_spec("vllm") is None:
         assert vllm == {"status": "skipped", "reason": "vllm is not installed (pip install vllm to compare)",
                         "part_s": vllm["part_s"], "held_at_start_gib": 0.0}
     table = out.with_suffix(".md").read_text()
     assert "| sft | tokens/s (batch 2 x 64) |" in table and "| 2400 |" in table and "| vllm | tokens/s | skipped" in table
+    assert "| judges | llamaguard3 verdicts/s (text: 8 new token(s), 5 items) |" in table
