@@ -14,7 +14,10 @@ A stage writes each record's method as one generator that reads like the paper: 
 Steps that do not depend on each other go out together: yield a dict (or list) of Requests and get
 a dict (or list) of Generations back once all of them are answered, e.g.
 `got = yield {"grade": Request(...), "plain": Request(...)}`. A sub-step shared by several methods
-is a generator too, called with `yield from`.
+is a generator too, called with `yield from`; several sub-steps run side by side with
+`yield from together([...])` (each round of their requests goes out in one yield). A Request with
+`prompt` instead of `chat` is a raw-text completion (the guard classifiers' own documents), with
+the log-probabilities of its `candidates` tokens when it names them.
 
 How requests reach the backends depends on the agent:
 - `openai`: each request goes out as soon as its record is ready, on a thread pool per backend
