@@ -14,7 +14,7 @@ served verdict. Every model and the judge ask for up to --concurrency requests a
 endpoint serving every model and the judge, as one vLLM server with several LoRA names would);
 the others wait in its queue.
 
-The server (`SimServer`, stdlib, 127.0.0.1) answers each request after a latency drawn from a
+The server (`EvalSim` on benchmarks/sim_server.py, stdlib, 127.0.0.1) answers each request after a latency drawn from a
 lognormal distribution with median --median (0.3 s) and sigma --sigma (0.5; mean = median x
 exp(sigma^2 / 2) = 0.34 s, 90% of draws between 0.13 and 0.69 s), seeded by a hash of the
 request (model and messages), so both arms see the same latency for the same request. Models
@@ -41,79 +41,24 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from sim_server import SimServer  # benchmarks/sim_server.py: the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 REFUSAL = "I'm sorry, but I can't help with that. If you need support, please talk to someone you trust."
 ANSWER = "Sure! Here is a clear answer: start with the basics, then follow the steps one by one."
 
 
-class SimServer:
+class EvalSim(SimServer):
     """Answers chat completions after a seeded lognormal latency, `capacity` at a time; logs the
-    latency of every request and the span it worked."""
+    model and latency of every request."""
 
-    def __init__(self, median_s: float, sigma: float, capacity: int):
-        self.median_s, self.sigma = median_s, sigma
-        self.slots = threading.Semaphore(capacity)
-        self.log: list[tuple[str, float]] = []     # (model, latency)
-        self.first = self.last = None
-        self.lock = threading.Lock()
-        sim = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                with sim.lock:
-                    sim.first = sim.first or time.perf_counter()
-                text, seconds = sim.answer(body)
-                with sim.slots:    # the server's own batch: queued requests wait here
-                    time.sleep(seconds)
-                with sim.lock:
-                    sim.log.append((body.get("model"), seconds))
-                    sim.last = time.perf_counter()
-                words = len(text.split())
-                payload = json.dumps({
-                    "id": "chatcmpl-sim", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
-                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                 "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": words, "total_tokens": 1 + words}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 1024   # bursts of connects must not wait for the kernel's retry
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def restart(self) -> None:
-        with self.lock:
-            self.log, self.first, self.last = [], None, None
+    def respond(self, body: dict) -> tuple[str, float, str]:
+        text, seconds = self.answer(body)
+        return text, seconds, body.get("model")
 
     def answer(self, body: dict) -> tuple[str, float]:
         messages = body["messages"]
@@ -203,7 +148,7 @@ def main() -> None:
                                         if line.startswith("model name")), "?")},
                "settings": vars(a) | {"out": str(a.out) if a.out else None}, "arms": {}, "runs": [],
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    with tempfile.TemporaryDirectory() as tmp, SimServer(a.median, a.sigma, a.concurrency) as server:
+    with tempfile.TemporaryDirectory() as tmp, EvalSim(a.median, a.sigma, a.concurrency) as server:
         tmp = Path(tmp)
         suites = write_suites(tmp, a.items)
         old = tmp / "old" / "05_eval.py"

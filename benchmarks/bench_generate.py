@@ -29,7 +29,7 @@ while it ran (from /proc/stat), and --repeats N runs the arms N times, interleav
 fastest run of each.
 
 openai-sim (--arms openai-sim): stage 1 against a latency-simulating OpenAI-compatible server the
-benchmark starts on 127.0.0.1 (SimServer below): each answer takes a lognormal time (median
+benchmark starts on 127.0.0.1 (Stage1Sim below, on sim_server.py): each answer takes a lognormal time (median
 --sim-median s, sigma --sim-sigma) drawn from a hash of the request's messages, so every version of
 the code sees the same latency for the same request. It answers realistic stage-1 texts: intents,
 an initial CoT, and deliberation turns that revise until the turn at which the prompt's agents
@@ -55,7 +55,6 @@ import json
 import math
 import random
 import re
-import threading
 import os
 import platform
 import shutil
@@ -64,8 +63,9 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from sim_server import SimServer  # benchmarks/sim_server.py: the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -195,63 +195,16 @@ def run_arm(stage, args, model: str, arm: str, n: int, runs_dir: Path) -> dict:
 
 # ---- openai-sim: a latency-simulating OpenAI-compatible server ----------------------------------
 
-class SimServer:
+class Stage1Sim(SimServer):
     """Answers stage-1 requests after a lognormal latency drawn from a hash of the request; logs
     (prompt, latency) of every request so the lower bound comes from the same request chains."""
 
     def __init__(self, median_s: float, sigma: float, n_agents: int, max_rounds: int):
-        self.median_s, self.sigma = median_s, sigma
+        super().__init__(median_s, sigma)
         self.turns = n_agents * max_rounds
-        self.log: list[tuple[str, float]] = []
-        self.first = self.last = None   # first request in, last answer out: the span the server worked
-        self.lock = threading.Lock()
-        sim = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                with sim.lock:
-                    sim.first = sim.first or time.perf_counter()
-                text, seconds, prompt = sim.answer(body["messages"])
-                time.sleep(seconds)
-                with sim.lock:
-                    sim.log.append((prompt, seconds))
-                    sim.last = time.perf_counter()
-                words = len(text.split())
-                payload = json.dumps({
-                    "id": "chatcmpl-sim", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
-                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                 "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": words, "total_tokens": 1 + words}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 1024   # bursts of connects must not wait for the kernel's retry
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, body: dict) -> tuple[str, float, str]:
+        return self.answer(body["messages"])
 
     def answer(self, messages: list[dict]) -> tuple[str, float, str]:
         """(text, latency, prompt) for a request."""
@@ -304,11 +257,6 @@ class SimServer:
             return f"A plain answer about {topic}."
         return None
 
-    def restart(self) -> None:
-        """Forget the requests seen so far (the next stage is measured on its own)."""
-        with self.lock:
-            self.log, self.first, self.last = [], None, None
-
     def lower_bound(self, concurrency: int, records_in_flight: int) -> dict:
         chains: dict[str, float] = {}
         self.chains: dict[str, list[float]] = {}
@@ -359,10 +307,10 @@ def sim_prompts(n: int, path: Path) -> Path:
 
 
 def run_openai_sim(args, work: Path, checkout: Path, label: str) -> dict:
-    """Stage 1 of `checkout` as a subprocess against a fresh SimServer; wall time vs the lower bound."""
+    """Stage 1 of `checkout` as a subprocess against a fresh Stage1Sim; wall time vs the lower bound."""
     work.mkdir(parents=True, exist_ok=True)
     prompts = sim_prompts(args.sim_prompts, work / "prompts.jsonl")
-    with SimServer(args.sim_median, args.sim_sigma, args.n_agents, args.sim_rounds) as server:
+    with Stage1Sim(args.sim_median, args.sim_sigma, args.n_agents, args.sim_rounds) as server:
         # A recipe of its own, so a version's recipe changes (structured outputs, policies) do not enter.
         recipe = work / "sim.yaml"
         recipe.write_text(json.dumps({
