@@ -206,13 +206,20 @@ def setting_chat(setting: dict, prompt: str, system: str) -> list[dict]:
     return [{"role": "system", "content": system}] + chat
 
 
-def self_judged(cfg: Config, models: dict[str, LLMConfig]) -> dict[str, list[str]]:
-    """{task: labels of models under test whose own base model is that task's LLM judge}."""
+def judge_specs(cfg: Config, specs: list) -> dict:
+    """Every judge spec the stage runs: by task (`safety`), and a suite's own (`safety@strongreject`)."""
+    return {**{t: cfg.judges.get(t) for t in TASKS}, **{f"{t}@{s.name}": j for s in specs for t, j in s.judges.items()}}
+
+
+def self_judged(cfg: Config, models: dict[str, LLMConfig], wanted: dict | None = None,
+                judging: LLMConfig | None = None) -> dict[str, list[str]]:
+    """{task: labels of models under test whose own base model is that task's judge} (`wanted`:
+    judge_specs, `judging`: eval.judge over eval.llm, as main has them already)."""
+    wanted = judge_specs(cfg, [suite_spec(e) for e in cfg.suites]) if wanted is None else wanted
+    judging = judging or cfg.llm.merged(cfg.judge)
     out, judge_of = {}, {}
-    specs = {**{t: cfg.judges.get(t) for t in TASKS},
-             **{f"{t}@{s.name}": j for s in map(suite_spec, cfg.suites) for t, j in s.judges.items()}}
-    for task, spec in specs.items():
-        judge_of[task] = judge_model(spec, cfg.llm.merged(cfg.judge))  # an LLM judge or a guard: the model it runs
+    for task, spec in wanted.items():
+        judge_of[task] = judge_model(spec, judging)  # an LLM judge or a guard: the model it runs
         if judge_of[task]:
             labels = [label for label, llm in models.items() if llm.model == judge_of[task]]
             if labels:
@@ -300,11 +307,12 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         raise InputError(f"eval.samples: {cfg.samples} answers per prompt need sampling, but '{greedy[0]}' generates "
                          "with temperature 0; set eval.generation.temperature > 0 (SafeChain samples at 0.6) or eval.samples: 1")
     check_judges(cfg.judges, cfg.judge_templates)  # an LLM judge's template too: a broken one stops before any model loads
-    self_judging = self_judged(cfg, models)
-    settings = inference_settings(cfg)
     specs = [suite_spec(entry) for entry in cfg.suites]
     if len({s.name for s in specs}) != len(specs):
         raise InputError("eval.suites: a suite is listed twice")
+    judging, wanted = cfg.llm.merged(cfg.judge), judge_specs(cfg, specs)
+    self_judging = self_judged(cfg, models, wanted, judging)
+    settings = inference_settings(cfg)
     # eval.limit and eval.sample trim what the models answer; a judge check keeps every label unless it says otherwise
     items = [it for spec in specs for it in load_suite(spec, *((None, cfg.judge_templates, None) if spec.kind == "judge_check"
                                                                   else (cfg.limit, cfg.judge_templates, cfg.sample)), seed=cfg.seed)]
@@ -364,13 +372,12 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 set_seed(cfg.seed)
             # A judge that loads here must load: a gated one whose licence is not accepted stops now, not
             # after every answer is generated.
-            for spec in [*cfg.judges.values(), *(j for s in specs for j in s.judges.values())]:
-                runs = judge_llm(spec, cfg.llm.merged(cfg.judge))
+            for spec in wanted.values():
+                runs = judge_llm(spec, judging)
                 if runs and runs.backend in ("hf", "vllm"):
                     check_loadable(runs.model)
             # A model loaded here answers first and is released: one model in memory at a time.
             evaluation.answers_here(under_test, items)
-            judging = cfg.llm.merged(cfg.judge)
             judges = {t: make_judge(t, cfg.judges.get(t), judging, policy_set.text(), cfg.judge_templates) for t in TASKS}
             judges["choice"] = ChoiceJudge()
             evaluation.judges = judges

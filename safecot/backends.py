@@ -283,69 +283,57 @@ class HFBackend(Backend):
             target.cumulative_length.fill_(shared + width - 1)
 
     def generate(self, chats, cfg, schema=None):
-        import torch
         self.calls += 1
-        results: list[Generation | None] = [None] * len(chats)
         schemas = per_chat(schema, len(chats), cfg)
         ids = self.chat.prompt_ids([with_schema(c, s) for c, s in zip(chats, schemas)])
-        for i, row in enumerate(ids):  # past the context window: not generated, the row's failure alone
-            if self.context and len(row) + cfg.max_new_tokens > self.context:
-                results[i] = Generation("", 0, error=f"context: prompt of {len(row)} tokens + {cfg.max_new_tokens} new "
-                                                     f"> {self.context}")
-        # Longest first, so each micro-batch holds similar lengths and pads little.
-        order = sorted((i for i in range(len(chats)) if results[i] is None), key=lambda i: -len(ids[i]))
-        pad = self.tokenizer.pad_token_id
-        bar = tqdm(total=len(chats), desc="  generate", leave=False, disable=len(chats) <= cfg.batch_size)
-        for idx in batched(order, cfg.batch_size):
-            with torch.inference_mode():
-                inputs = self._batch_inputs([ids[i] for i in idx], cfg.share_prefix, cfg.max_new_tokens)
-                grammars = [self.grammar(schemas[i]) if schemas[i] else None for i in idx]
-                if any(grammars):
-                    inputs["logits_processor"] = [GrammarMask(grammars, self.model.config.vocab_size)]
-                out = self.model.generate(
-                    **inputs, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
-                    temperature=cfg.temperature if cfg.temperature > 0 else None,
-                    top_p=cfg.top_p if cfg.temperature > 0 else None, pad_token_id=pad,
-                    disable_compile=True)  # a static cache would make transformers compile on a GPU: not worth it per batch
-            new = out[:, inputs["input_ids"].shape[1]:]
-            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            counts = (new != pad).sum(dim=1).tolist()
-            for i, text, n, row in zip(idx, texts, counts, new.tolist()):
-                stopped = any(t in self.stop_ids for t in row)
-                results[i] = Generation(self.chat.completion(text).strip(), int(n), truncated=not stopped)
-            bar.update(len(idx))
-        bar.close()
-        return results
-
+        return self._generate_ids(ids, cfg, grammars=[self.grammar(s) if s else None for s in schemas],
+                                  decode=self.chat.completion)
 
     def complete(self, prompts, cfg, candidates=None, special_tokens=True):
-        import torch
         self.calls += 1
         ids = [self.tokenizer(p, add_special_tokens=special_tokens)["input_ids"] for p in prompts]
-        wanted = {c: candidate_id(self.tokenizer, c) for c in candidates or ()}
-        results: list[Generation | None] = [None] * len(prompts)
+        return self._generate_ids(ids, cfg, wanted={c: candidate_id(self.tokenizer, c) for c in candidates or ()})
+
+    def _generate_ids(self, ids: list[list[int]], cfg: LLMConfig, grammars: list | None = None, wanted: dict | None = None,
+                      decode=lambda text: text) -> list[Generation]:
+        """Prompt token ids -> Generations, longest first in micro-batches of `cfg.batch_size`. A row
+        past the context window is not generated (its own failure); `grammars` keep each row inside
+        its schema; with `wanted` ({candidate: token id}) each Generation's `scores` holds their
+        log-probabilities as the first token; `decode` gives a chat's completion its reasoning back."""
+        import torch
+        results: list[Generation | None] = [None] * len(ids)
         for i, row in enumerate(ids):
             if self.context and len(row) + cfg.max_new_tokens > self.context:
                 results[i] = Generation("", 0, error=f"context: prompt of {len(row)} tokens + {cfg.max_new_tokens} new "
                                                      f"> {self.context}")
-        order = sorted((i for i in range(len(prompts)) if results[i] is None), key=lambda i: -len(ids[i]))
+        # Longest first, so each micro-batch holds similar lengths and pads little.
+        order = sorted((i for i in range(len(ids)) if results[i] is None), key=lambda i: -len(ids[i]))
         pad = self.tokenizer.pad_token_id
+        bar = tqdm(total=len(ids), desc="  generate", leave=False, disable=len(ids) <= cfg.batch_size)
         for idx in batched(order, cfg.batch_size):
             with torch.inference_mode():
                 inputs = self._batch_inputs([ids[i] for i in idx], cfg.share_prefix, cfg.max_new_tokens)
+                rows = [grammars[i] for i in idx] if grammars else []
+                if any(rows):
+                    inputs["logits_processor"] = [GrammarMask(rows, self.model.config.vocab_size)]
                 out = self.model.generate(
                     **inputs, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
                     temperature=cfg.temperature if cfg.temperature > 0 else None,
-                    top_p=cfg.top_p if cfg.temperature > 0 else None, pad_token_id=pad, disable_compile=True,
+                    top_p=cfg.top_p if cfg.temperature > 0 else None, pad_token_id=pad,
+                    disable_compile=True,  # a static cache would make transformers compile on a GPU: not worth it per batch
                     output_logits=bool(wanted), return_dict_in_generate=True)
             new = out.sequences[:, inputs["input_ids"].shape[1]:]
             first = torch.log_softmax(out.logits[0].float(), dim=-1) if wanted else None  # the raw logits, before sampling
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            for r, (i, text, row) in enumerate(zip(idx, texts, new.tolist())):
-                scores = {c: float(first[r, t]) for c, t in wanted.items() if t is not None} if wanted else None
+            counts = (new != pad).sum(dim=1).tolist()
+            for r, (i, text, n, row) in enumerate(zip(idx, texts, counts, new.tolist())):
                 stopped = any(t in self.stop_ids for t in row)
-                results[i] = Generation(text.strip(), sum(t != pad for t in row), truncated=not stopped and not wanted,
-                                        scores=scores)
+                # a scored answer is one position read, never a reply cut short
+                results[i] = Generation(decode(text).strip(), int(n), truncated=not stopped and not wanted,
+                                        scores={c: float(first[r, t]) for c, t in wanted.items() if t is not None}
+                                        if wanted else None)
+            bar.update(len(idx))
+        bar.close()
         return results
 
 

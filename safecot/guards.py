@@ -31,7 +31,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from .backends import Agent, LLMConfig
 from .judges import DECODING, NO_PROTOCOL, Judge, text_sha256
@@ -167,8 +166,9 @@ def category_counts(rows: list[dict]) -> dict:
 
 # ---- the judge ------------------------------------------------------------------------------------
 
-def load_guard_template(guard: Guard, folder: Path | None = None) -> str:
-    path = Path(folder or GUARD_TEMPLATES) / guard.template
+def load_guard_template(guard: Guard) -> str:
+    """Always the official text: a guard's prompt is not the recipe's to change (SOURCES.md)."""
+    path = GUARD_TEMPLATES / guard.template
     if not path.is_file():
         raise InputError(f"{path}: the {guard.kind} prompt is missing (data/templates/guards/ holds the official ones)")
     return read_text(path)
@@ -185,14 +185,14 @@ def guard_config(guard: Guard, base: LLMConfig, overrides: dict) -> LLMConfig:
 class GuardJudge(Judge):
     """One task judged by one of GUARDS (see the module docstring)."""
 
-    def __init__(self, task: str, kind: str, cfg: LLMConfig, templates: Path | None = None, step: str | None = None):
+    def __init__(self, task: str, kind: str, cfg: LLMConfig, step: str | None = None):
         self.task, self.guard, self.cfg = task, GUARDS[kind], cfg
         self.step = step or f"judge {task}"  # the scheduler's step: timings, and batches of one step
         self.kind = kind
         self.agent = Agent(f"judge_{task}", cfg, lazy=True)
         self.agents = (self.agent,)
         self.name = f"{kind}:{self.agent.label}"
-        self.text = load_guard_template(self.guard, templates)
+        self.text = load_guard_template(self.guard)
         g = self.guard
         self.settings = json.dumps({"kind": kind, "llm": cfg.output_settings(), "template": self.text,
                                     "candidates": g.candidates, "clip": g.clip, "special_tokens": g.special_tokens},
